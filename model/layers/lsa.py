@@ -1,0 +1,133 @@
+"""Low-rank decomposed self-attention (LightSANs' item-to-interest attention).
+
+Keys and values are pooled into P latent interests with a softmax over the sequence
+(theta_K, theta_V in R^{d x P}); every query attends to the P pooled keys. Two variants:
+
+- `LowRankAttention`: the MLSA4Rec paper's version, as in the authors' code: pooling over the
+  whole (padded) window and an attention softmax over the query axis. Not causal.
+- `CausalLowRankAttention`: MLSA4Rec-S. Position t pools only items 1..t (running
+  online-softmax sums per interest) and its softmax is over the P interests, so a new item never
+  changes earlier outputs and the layer can be advanced with a constant-size state.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class _LowRankBase(nn.Module):
+    def __init__(self, hidden: int, n_heads: int, n_interests: int, dropout: float,
+                 attn_dropout: float):
+        super().__init__()
+        if hidden % n_heads:
+            raise ValueError(f"hidden size {hidden} is not a multiple of n_heads {n_heads}")
+        self.hidden, self.n_heads, self.n_interests = hidden, n_heads, n_interests
+        self.head_dim = hidden // n_heads
+        self.query = nn.Linear(hidden, hidden)
+        self.key = nn.Linear(hidden, hidden)
+        self.value = nn.Linear(hidden, hidden)
+        self.theta_k = nn.Parameter(torch.randn(hidden, n_interests))
+        self.theta_v = nn.Parameter(torch.randn(hidden, n_interests))
+        self.attn_dropout = nn.Dropout(attn_dropout)
+        self.out_dropout = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(hidden, eps=1e-12)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., hidden) -> (..., n_heads, head_dim)"""
+        return x.view(*x.shape[:-1], self.n_heads, self.head_dim)
+
+    def _finish(self, context: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.out_dropout(context) + residual)
+
+
+class LowRankAttention(_LowRankBase):
+    """The paper's LSA: x (batch, length, hidden) -> same shape, every position sees all."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.query(x), self.key(x), self.value(x)
+        pooled_k = torch.einsum("blp,bld->bpd", torch.softmax(k @ self.theta_k, dim=1), k)
+        pooled_v = torch.einsum("blp,bld->bpd", torch.softmax(v @ self.theta_v, dim=1), v)
+        q, pooled_k, pooled_v = (self._heads(t).transpose(1, 2) for t in (q, pooled_k, pooled_v))
+        scores = q @ pooled_k.transpose(-1, -2) / math.sqrt(self.head_dim)   # (b, h, l, p)
+        probs = self.attn_dropout(torch.softmax(scores, dim=-2))            # over queries
+        context = (probs @ pooled_v).transpose(1, 2).reshape_as(x)
+        return self._finish(context, x)
+
+
+def prefix_softmax_pool(logits: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """pooled[b, t, p] = sum_{s<=t} softmax_s(logits[b, :t+1, p]) * values[b, s].
+
+    logits: (batch, length, P); values: (batch, length, d) -> (batch, length, P, d).
+    Short sequences (training windows) use an explicit causal softmax over (t, s) pairs: exact
+    in fp32 and fast. Long ones use running sums (cumsum) of exp(logit - c), one reference c
+    per (batch, interest): the ratio is exact for any c, and float64 keeps the early terms from
+    underflowing when c is far above them. Both equal the running online softmax of `step`.
+    """
+    batch, length, n_interests = logits.shape
+    if length <= PAIRWISE_MAX_LEN:
+        future = torch.ones(length, length, dtype=torch.bool, device=logits.device).triu(1)
+        pair_logits = logits.transpose(1, 2).unsqueeze(2).expand(-1, -1, length, -1)
+        weights = torch.softmax(pair_logits.masked_fill(future, -torch.inf), dim=-1)
+        pooled = weights.reshape(batch, n_interests * length, length) @ values  # (b, p*t, d)
+        return pooled.view(batch, n_interests, length, -1).transpose(1, 2)
+    reference = logits.detach().amax(dim=1, keepdim=True)
+    weights = torch.exp((logits - reference).double())                      # (b, l, p)
+    numerator = torch.cumsum(weights.unsqueeze(-1) * values.double().unsqueeze(2), dim=1)
+    denominator = torch.cumsum(weights, dim=1).unsqueeze(-1)
+    return (numerator / denominator).to(values.dtype)
+
+
+PAIRWISE_MAX_LEN = 64
+
+
+class CausalLowRankAttention(_LowRankBase):
+    """MLSA4Rec-S's LSA: causal, normalised over interests, steppable."""
+
+    def _attend(self, q: torch.Tensor, pooled_k: torch.Tensor, pooled_v: torch.Tensor):
+        """q (..., hidden), pooled (..., P, hidden) -> context (..., hidden)."""
+        q, pooled_k, pooled_v = self._heads(q), self._heads(pooled_k), self._heads(pooled_v)
+        scores = torch.einsum("...he,...phe->...hp", q, pooled_k) / math.sqrt(self.head_dim)
+        probs = self.attn_dropout(torch.softmax(scores, dim=-1))             # over interests
+        context = torch.einsum("...hp,...phe->...he", probs, pooled_v)
+        return context.reshape(*context.shape[:-2], self.hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.query(x), self.key(x), self.value(x)
+        pooled_k = prefix_softmax_pool(k @ self.theta_k, k)
+        pooled_v = prefix_softmax_pool(v @ self.theta_v, v)
+        return self._finish(self._attend(q, pooled_k, pooled_v), x)
+
+    def allocate_inference_cache(self, batch_size: int, device=None, dtype=torch.float32):
+        """Running max, normaliser and weighted sum per interest, for keys and for values."""
+        device = device or self.theta_k.device
+        state = {}
+        for name in ("k", "v"):
+            state[f"max_{name}"] = torch.full((batch_size, self.n_interests), -torch.inf,
+                                              device=device, dtype=dtype)
+            state[f"norm_{name}"] = torch.zeros(batch_size, self.n_interests, device=device,
+                                                dtype=dtype)
+            state[f"sum_{name}"] = torch.zeros(batch_size, self.n_interests, self.hidden,
+                                               device=device, dtype=dtype)
+        return state
+
+    @staticmethod
+    def _accumulate(state: dict, name: str, logits: torch.Tensor, x: torch.Tensor):
+        running_max, norm, total = state[f"max_{name}"], state[f"norm_{name}"], state[f"sum_{name}"]
+        new_max = torch.maximum(running_max, logits)
+        rescale = torch.exp(running_max - new_max)            # 0 on the first item (max = -inf)
+        weight = torch.exp(logits - new_max)
+        norm.copy_(norm * rescale + weight)
+        total.copy_(total * rescale.unsqueeze(-1) + weight.unsqueeze(-1) * x.unsqueeze(1))
+        running_max.copy_(new_max)
+        return total / norm.unsqueeze(-1)
+
+    def step(self, x: torch.Tensor, state: dict) -> torch.Tensor:
+        """x (batch, hidden): one new item per row; updates `state` in place."""
+        q, k, v = self.query(x), self.key(x), self.value(x)
+        pooled_k = self._accumulate(state, "k", k @ self.theta_k, k)
+        pooled_v = self._accumulate(state, "v", v @ self.theta_v, v)
+        return self._finish(self._attend(q, pooled_k, pooled_v), x)

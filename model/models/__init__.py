@@ -1,0 +1,19 @@
+"""Model registry: name -> (class, config class)."""
+
+from model.models.mamba4rec import Mamba4Rec, Mamba4RecConfig
+from model.models.mlsa4rec import MLSA4Rec, MLSA4RecConfig, MLSA4RecS
+from model.models.sasrec import SASRec, SASRecConfig
+
+MODELS = {
+    "mlsa4rec-s": (MLSA4RecS, MLSA4RecConfig),
+    "mlsa4rec": (MLSA4Rec, MLSA4RecConfig),
+    "sasrec": (SASRec, SASRecConfig),
+    "mamba4rec": (Mamba4Rec, Mamba4RecConfig),
+}
+
+
+def build_model(name: str, n_items: int, config: dict | None = None):
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}: choose one of {sorted(MODELS)}")
+    model_cls, config_cls = MODELS[name]
+    return model_cls(n_items, config_cls(**(config or {})))

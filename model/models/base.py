@@ -22,7 +22,8 @@ import torch.nn.functional as F
 
 
 class SequentialRecommender(nn.Module):
-    causal: bool = False
+    causal: bool = False      # trains with a loss at every position
+    steppable: bool = False   # has init_state / step
     name: str = ""
 
     def __init__(self, n_items: int, config):

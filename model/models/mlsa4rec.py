@@ -119,6 +119,7 @@ class MLSA4RecS(MLSA4Rec):
     """MLSA4Rec-S: causal LSA, loss at every position, steppable."""
 
     causal = True
+    steppable = True
     name = "mlsa4rec-s"
 
     def _mamba_blocks(self):

@@ -1,0 +1,96 @@
+"""The `mlsa4rec` command.
+
+    mlsa4rec train     [--dataset ml-100k] [--model mlsa4rec-s] [...]   train, evaluate, save
+    mlsa4rec evaluate  CHECKPOINT [--dataset ...]                       test metrics of a checkpoint
+
+Every TrainConfig field is an option (--batch-size ...) and an environment variable
+(MLSA4REC_BATCH_SIZE=...); model hyper-parameters go as --set name=value.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from model import config as typed_config
+from model.training import TrainConfig
+
+
+def _model_overrides(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        name, _, value = pair.partition("=")
+        if not value:
+            raise SystemExit(f"--set expects name=value, got {pair!r}")
+        out[name] = json.loads(value) if value[0].isdigit() or value[0] in "-[{" else value
+    return out
+
+
+def cmd_train(args) -> int:
+    from model.checkpoint import save_checkpoint
+    from model.data.protocol import load_interactions, prepare
+    from model.metrics import format_table
+    from model.models import build_model
+    from model.training import describe_run, train
+
+    cfg = typed_config.build(TrainConfig, args)
+    data = prepare(load_interactions(cfg.dataset))
+    overrides = {"max_len": cfg.max_len, **_model_overrides(args.set or [])}
+    model = build_model(cfg.model, data.n_items, overrides)
+    result = train(model, data, cfg)
+    run = describe_run(cfg, result)
+    dataset_name = Path(cfg.dataset).stem
+    path = Path(cfg.checkpoint or f"runs/{dataset_name}-{cfg.model}.pt")
+    sha = save_checkpoint(path, result.model, data.item_ids, run)
+    path.with_suffix(".json").write_text(json.dumps(run, indent=2))
+    print(f"\n{cfg.model} on {cfg.dataset}: best epoch {result.best_epoch} of "
+          f"{result.epochs_run}, {result.seconds:.0f}s, "
+          f"{result.sequences_per_second:.0f} training sequences/s")
+    print(format_table({"valid": result.valid, "test": result.test}))
+    print(f"checkpoint {path} sha256 {sha}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from model.checkpoint import load_checkpoint
+    from model.data.protocol import load_interactions, prepare, split_leave_one_out
+    from model.metrics import format_table
+    from model.training import evaluate, pick_device
+
+    device = pick_device(args.device)
+    model, payload = load_checkpoint(args.checkpoint, device=device)
+    dataset = args.dataset or payload["metrics"]["train_config"]["dataset"]
+    data = prepare(load_interactions(dataset))
+    if data.item_ids != payload["item_ids"]:
+        raise SystemExit(f"{args.checkpoint} was trained on another item set than {dataset}")
+    max_len = payload["config"].get("max_len", 50)
+    _, valid, test = split_leave_one_out(data)
+    rows = {"valid": evaluate(model, valid, max_len, device),
+            "test": evaluate(model, test, max_len, device)}
+    print(f"{payload['model']} version {payload['version']} on {dataset}")
+    print(format_table(rows))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mlsa4rec", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_train = sub.add_parser("train", help="train and evaluate a model offline")
+    typed_config.add_arguments(p_train, TrainConfig)
+    p_train.add_argument("--set", action="append", metavar="NAME=VALUE",
+                         help="model hyper-parameter, e.g. --set n_mamba_layers=2")
+    p_train.set_defaults(func=cmd_train)
+    p_eval = sub.add_parser("evaluate", help="evaluate a checkpoint under the offline protocol")
+    p_eval.add_argument("checkpoint")
+    p_eval.add_argument("--dataset", default=None)
+    p_eval.add_argument("--device", default="auto")
+    p_eval.set_defaults(func=cmd_evaluate)
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

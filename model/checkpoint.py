@@ -1,0 +1,56 @@
+"""Checkpoints: weights, model name and config, item-id map, metrics and a version id.
+
+Saved with torch.save as plain containers (tensors, str, numbers, lists, dicts) so that they
+load with torch.load(weights_only=True): loading a checkpoint never runs code from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+import uuid
+from pathlib import Path
+
+import torch
+
+from model.models import build_model
+
+
+def new_version() -> str:
+    return time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:8]
+
+
+def save_checkpoint(path: str | os.PathLike, model, item_ids: list[str], metrics: dict,
+                    version: str | None = None, extra: dict | None = None) -> str:
+    """Writes atomically (temp file + rename); returns the file's sha256."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": 1,
+        "version": version or new_version(),
+        "model": model.name,
+        "config": model.describe(),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "item_ids": list(item_ids),
+        "metrics": metrics,
+        "extra": extra or {},
+    }
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def load_checkpoint(path: str | os.PathLike, device="cpu", expected_sha256: str | None = None):
+    """Returns (model in eval mode, payload). Refuses a file whose sha256 differs."""
+    path = Path(path)
+    if expected_sha256 is not None:
+        actual = hashlib.sha256(path.read_bytes()).hexdigest()
+        if actual != expected_sha256:
+            raise ValueError(f"{path}: sha256 {actual} != expected {expected_sha256}")
+    payload = torch.load(path, map_location=device, weights_only=True)
+    config = {k: v for k, v in payload["config"].items() if k not in ("model", "n_items")}
+    model = build_model(payload["model"], len(payload["item_ids"]), config)
+    model.load_state_dict(payload["state_dict"])
+    return model.to(device).eval(), payload

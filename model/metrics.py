@@ -1,0 +1,38 @@
+"""Full-ranking metrics: HR, NDCG and MRR at several cut-offs.
+
+The rank of the target is the number of items scored strictly above it (the pad item is at
+-inf, items the user saw are not masked, as RecBole's full-sort evaluation).
+"""
+
+from __future__ import annotations
+
+import torch
+
+CUTOFFS = (5, 10, 20)
+
+
+def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """scores (batch, n_items), targets (batch,) -> 0-based rank of each target."""
+    target_scores = scores.gather(1, targets.view(-1, 1))
+    return (scores > target_scores).sum(dim=1)
+
+
+def metrics_from_ranks(ranks: torch.Tensor, cutoffs=CUTOFFS) -> dict[str, float]:
+    ranks = ranks.double()
+    out = {}
+    for k in cutoffs:
+        hit = (ranks < k).double()
+        out[f"hr@{k}"] = hit.mean().item()
+        out[f"ndcg@{k}"] = (hit / torch.log2(ranks + 2)).mean().item()
+        out[f"mrr@{k}"] = (hit / (ranks + 1)).mean().item()
+    return out
+
+
+def format_table(rows: dict[str, dict[str, float]], cutoffs=CUTOFFS) -> str:
+    """rows: name -> metrics. A plain-text table, one row per name."""
+    columns = [f"{m}@{k}" for k in cutoffs for m in ("hr", "ndcg", "mrr")]
+    width = max([len(name) for name in rows] + [6])
+    lines = [" ".join([f"{'':<{width}}"] + [f"{c:>8}" for c in columns])]
+    for name, values in rows.items():
+        lines.append(" ".join([f"{name:<{width}}"] + [f"{values[c]:>8.4f}" for c in columns]))
+    return "\n".join(lines)

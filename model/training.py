@@ -28,7 +28,7 @@ class TrainConfig:
     dataset: str = "ml-100k"
     model: str = "mlsa4rec-s"
     epochs: int = 100
-    batch_size: int = 256
+    batch_size: int = 64
     eval_batch_size: int = 512
     lr: float = 1e-3
     patience: int = 10

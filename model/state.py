@@ -1,0 +1,52 @@
+"""A steppable model's per-user state <-> bytes.
+
+A state is a dict of tensors with the batch on dim 0 (`model.init_state(batch)`). One user's
+row is stored as a 1-byte dtype tag followed by the raw values of every tensor, in sorted key
+order; the shapes come from a template state, so nothing else is stored. fp16 halves the bytes
+(see docs/RESULTS.md for the error it brings).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+_TAGS = {torch.float32: 1, torch.float16: 2}
+_DTYPES = {tag: dtype for dtype, tag in _TAGS.items()}
+
+
+def state_size(template: dict[str, torch.Tensor]) -> int:
+    """Floats per user."""
+    return sum(t[0].numel() for t in template.values())
+
+
+def state_to_bytes(state: dict[str, torch.Tensor], row: int, dtype=torch.float32) -> bytes:
+    if dtype not in _TAGS:
+        raise ValueError(f"unsupported storage dtype {dtype}")
+    flat = torch.cat([state[k][row].reshape(-1) for k in sorted(state)]).to(dtype)
+    return bytes([_TAGS[dtype]]) + flat.cpu().numpy().tobytes()
+
+
+def states_from_bytes(blobs: list[bytes], template: dict[str, torch.Tensor], device=None):
+    """Rebuild a batched fp32 state (one row per blob) shaped like `template`."""
+    keys = sorted(template)
+    size = state_size(template)
+    rows = []
+    for i, blob in enumerate(blobs):
+        tag = blob[0] if blob else None
+        if tag not in _DTYPES:
+            raise ValueError(f"state blob {i}: unknown dtype tag {tag}")
+        np_dtype = np.float32 if _DTYPES[tag] is torch.float32 else np.float16
+        values = np.frombuffer(blob, dtype=np_dtype, offset=1)
+        if values.size != size:
+            raise ValueError(f"state blob {i}: {values.size} values, the model needs {size}")
+        rows.append(torch.from_numpy(values.astype(np.float32)))
+    flat = torch.stack(rows) if rows else torch.zeros(0, size)
+    state, offset = {}, 0
+    for key in keys:
+        shape = template[key].shape[1:]
+        n = int(np.prod(shape)) if len(shape) else 1
+        state[key] = flat[:, offset:offset + n].reshape(len(blobs), *shape).contiguous().to(
+            device or template[key].device)
+        offset += n
+    return state

@@ -58,14 +58,28 @@ class LowRankAttention(_LowRankBase):
         return self._finish(context, x)
 
 
+def online_softmax_update(running_max, norm, total, logits, x):
+    """Add one item to running softmax-weighted sums, one per interest.
+
+    running_max, norm: (batch, P); total: (batch, P, d); logits: (batch, P); x: (batch, d).
+    Returns the new (running_max, norm, total); total / norm is the pooled vector. Rescaling by
+    exp(old max - new max) keeps every exponent <= 0, so nothing overflows or underflows to 0/0.
+    """
+    new_max = torch.maximum(running_max, logits)
+    rescale = torch.exp(running_max - new_max)            # 0 on the first item (max = -inf)
+    weight = torch.exp(logits - new_max)
+    norm = norm * rescale + weight
+    total = total * rescale.unsqueeze(-1) + weight.unsqueeze(-1) * x.unsqueeze(1)
+    return new_max, norm, total
+
+
 def prefix_softmax_pool(logits: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """pooled[b, t, p] = sum_{s<=t} softmax_s(logits[b, :t+1, p]) * values[b, s].
 
     logits: (batch, length, P); values: (batch, length, d) -> (batch, length, P, d).
-    Short sequences (training windows) use an explicit causal softmax over (t, s) pairs: exact
-    in fp32 and fast. Long ones use running sums (cumsum) of exp(logit - c), one reference c
-    per (batch, interest): the ratio is exact for any c, and float64 keeps the early terms from
-    underflowing when c is far above them. Both equal the running online softmax of `step`.
+    Training windows (length <= PAIRWISE_MAX_LEN) use an explicit causal softmax over (t, s)
+    pairs: exact, parallel and fast in fp32. Longer sequences (inference over a long history)
+    run the same online softmax as `step`, position by position, so memory stays linear.
     """
     batch, length, n_interests = logits.shape
     if length <= PAIRWISE_MAX_LEN:
@@ -74,11 +88,15 @@ def prefix_softmax_pool(logits: torch.Tensor, values: torch.Tensor) -> torch.Ten
         weights = torch.softmax(pair_logits.masked_fill(future, -torch.inf), dim=-1)
         pooled = weights.reshape(batch, n_interests * length, length) @ values  # (b, p*t, d)
         return pooled.view(batch, n_interests, length, -1).transpose(1, 2)
-    reference = logits.detach().amax(dim=1, keepdim=True)
-    weights = torch.exp((logits - reference).double())                      # (b, l, p)
-    numerator = torch.cumsum(weights.unsqueeze(-1) * values.double().unsqueeze(2), dim=1)
-    denominator = torch.cumsum(weights, dim=1).unsqueeze(-1)
-    return (numerator / denominator).to(values.dtype)
+    running_max = logits.new_full((batch, n_interests), -torch.inf)
+    norm = logits.new_zeros(batch, n_interests)
+    total = values.new_zeros(batch, n_interests, values.shape[-1])
+    pooled = []
+    for t in range(length):
+        running_max, norm, total = online_softmax_update(running_max, norm, total,
+                                                         logits[:, t], values[:, t])
+        pooled.append(total / norm.unsqueeze(-1))
+    return torch.stack(pooled, dim=1)
 
 
 PAIRWISE_MAX_LEN = 64
@@ -116,14 +134,11 @@ class CausalLowRankAttention(_LowRankBase):
 
     @staticmethod
     def _accumulate(state: dict, name: str, logits: torch.Tensor, x: torch.Tensor):
-        running_max, norm, total = state[f"max_{name}"], state[f"norm_{name}"], state[f"sum_{name}"]
-        new_max = torch.maximum(running_max, logits)
-        rescale = torch.exp(running_max - new_max)            # 0 on the first item (max = -inf)
-        weight = torch.exp(logits - new_max)
-        norm.copy_(norm * rescale + weight)
-        total.copy_(total * rescale.unsqueeze(-1) + weight.unsqueeze(-1) * x.unsqueeze(1))
-        running_max.copy_(new_max)
-        return total / norm.unsqueeze(-1)
+        keys = (f"max_{name}", f"norm_{name}", f"sum_{name}")
+        updated = online_softmax_update(*(state[k] for k in keys), logits, x)
+        for key, value in zip(keys, updated):
+            state[key].copy_(value)
+        return state[keys[2]] / state[keys[1]].unsqueeze(-1)
 
     def step(self, x: torch.Tensor, state: dict) -> torch.Tensor:
         """x (batch, hidden): one new item per row; updates `state` in place."""

@@ -21,6 +21,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+OOV = -1   # item index of an item unknown to the model (streaming only)
+
+
 class SequentialRecommender(nn.Module):
     causal: bool = False      # trains with a loss at every position
     steppable: bool = False   # has init_state / step
@@ -41,6 +44,16 @@ class SequentialRecommender(nn.Module):
     def forward(self, item_seq: torch.Tensor, item_seq_len: torch.Tensor) -> torch.Tensor:
         output = self.sequence_output(item_seq)
         return gather_last(output, item_seq_len)
+
+    def embed_items(self, item_ids: torch.Tensor) -> torch.Tensor:
+        """Item vectors; OOV (-1) marks an item the model does not know yet, which gets the
+        mean of the known items' embeddings (a neutral guess instead of a crash)."""
+        vectors = self.item_embedding(item_ids.clamp(min=0))
+        unknown = item_ids == OOV
+        if unknown.any():
+            vectors = vectors.clone()
+            vectors[unknown] = self.item_embedding.weight[1:].mean(dim=0)
+        return vectors
 
     def scores(self, user_repr: torch.Tensor) -> torch.Tensor:
         logits = user_repr @ self.item_embedding.weight.t()

@@ -63,7 +63,7 @@ class Mamba4Rec(SequentialRecommender):
         self.apply(init_normal(0.02))
 
     def _embed(self, item_seq):
-        return self.emb_norm(self.emb_dropout(self.item_embedding(item_seq)))
+        return self.emb_norm(self.emb_dropout(self.embed_items(item_seq)))
 
     def sequence_output(self, item_seq):
         x = self._embed(item_seq)

@@ -106,7 +106,7 @@ class MLSA4Rec(SequentialRecommender):
         self.apply(init_recbole_kaiming)
 
     def _embed(self, item_seq):
-        return self.emb_norm(self.emb_dropout(self.item_embedding(item_seq)))
+        return self.emb_norm(self.emb_dropout(self.embed_items(item_seq)))
 
     def sequence_output(self, item_seq):
         y = self.interaction(self._embed(item_seq))

@@ -69,7 +69,7 @@ class SASRec(SequentialRecommender):
     def sequence_output(self, item_seq):
         length = item_seq.shape[1]
         positions = torch.arange(length, device=item_seq.device)
-        x = self.emb_dropout(self.emb_norm(self.item_embedding(item_seq)
+        x = self.emb_dropout(self.emb_norm(self.embed_items(item_seq)
                                            + self.position_embedding(positions)))
         # Causal and key-padding mask; a query never sees a later item or a pad.
         visible = torch.ones(length, length, dtype=torch.bool, device=item_seq.device).tril()

@@ -1,0 +1,204 @@
+"""Scoring one batch of events: per-user records in, new records and recommendations out.
+
+No Kafka and no Faust here, so the whole batch cycle is testable without a broker; the agent
+(streams/agents.py) only moves bytes between topics, the table and this class.
+
+A user's stored record (`UserRecord`) holds the model version that made the state, the step
+state bytes (model/state.py), the partition offset and id of the last applied event (so a
+replayed or duplicated event is not applied twice), and the last `history_len` raw item ids
+(to serve the window models, to exclude seen items, and to rebuild a state after a model
+change).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from model.models.base import OOV
+from model.state import state_to_bytes, states_from_bytes
+
+HISTORY_LEN = 50
+
+
+@dataclass
+class Event:
+    user_id: str
+    item_id: str
+    event_id: str
+    timestamp_ms: int
+    partition: int = 0
+    offset: int = -1
+
+
+@dataclass
+class UserRecord:
+    model_version: str = ""
+    state: bytes = b""
+    last_offset: int = -1
+    last_event_id: str = ""
+    history: list[str] = field(default_factory=list)
+    events_applied: int = 0
+    unknown_items: int = 0
+
+    def to_bytes(self) -> bytes:
+        """4-byte header length, a JSON header, then the raw state bytes."""
+        header = asdict(self)
+        del header["state"]
+        head = json.dumps(header, separators=(",", ":")).encode()
+        return struct.pack(">I", len(head)) + head + self.state
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> "UserRecord":
+        (n,) = struct.unpack_from(">I", data)
+        header = json.loads(data[4:4 + n])
+        return cls(state=bytes(data[4 + n:]), **header)
+
+
+@dataclass
+class BatchStats:
+    events: int = 0
+    applied: int = 0
+    duplicates: int = 0
+    unknown_items: int = 0
+    rebuilt_states: int = 0
+    seconds: float = 0.0
+
+
+class Scorer:
+    """Advances users with one batched `step` per round, scores all items, picks the top k."""
+
+    def __init__(self, model, item_ids: list[str], version: str, device="cpu", top_k: int = 10,
+                 exclude_seen: bool = False, state_dtype=torch.float32,
+                 history_len: int = HISTORY_LEN):
+        self.model = model.to(device).eval()
+        self.item_ids = list(item_ids)
+        self.index = {raw: i for i, raw in enumerate(self.item_ids) if i > 0}
+        self.version, self.device = version, torch.device(device)
+        self.top_k, self.exclude_seen = top_k, exclude_seen
+        self.state_dtype, self.history_len = state_dtype, history_len
+        self.template = model.init_state(1, device=self.device) if model.steppable else None
+
+    def item_index(self, raw: str) -> int:
+        return self.index.get(raw, OOV)
+
+    # -- the batch cycle ----------------------------------------------------------------
+    @torch.no_grad()
+    def process(self, events: list[Event], records: dict[str, UserRecord | None]):
+        """Returns (records to write, recommendations in event order, stats).
+
+        Events of one user are applied in their order; different users advance together.
+        """
+        started = time.perf_counter()
+        stats = BatchStats(events=len(events))
+        records = {u: (r if r is not None else UserRecord()) for u, r in records.items()}
+        rounds: list[list[Event]] = []          # round r = each user's r-th new event
+        depth: dict[str, int] = {}
+        for event in events:
+            record = records.setdefault(event.user_id, UserRecord())
+            if self._already_applied(record, event):
+                stats.duplicates += 1
+                continue
+            r = depth.get(event.user_id, 0)
+            depth[event.user_id] = r + 1
+            if r == len(rounds):
+                rounds.append([])
+            rounds[r].append(event)
+        touched = {u for u in depth}
+        states = self._load_states(touched, records, stats)
+        recommendations = []
+        for round_events in rounds:
+            recommendations += self._advance(round_events, records, states, stats)
+        self._store_states(touched, records, states)
+        position = {id(e): i for i, e in enumerate(events)}
+        recommendations.sort(key=lambda rec: position[rec.pop("_event")])
+        stats.seconds = time.perf_counter() - started
+        return {u: records[u] for u in touched}, recommendations, stats
+
+    @staticmethod
+    def _already_applied(record: UserRecord, event: Event) -> bool:
+        if event.event_id and event.event_id == record.last_event_id:
+            return True
+        return 0 <= event.offset <= record.last_offset
+
+    def _load_states(self, users, records, stats):
+        if self.template is None:
+            return {}
+        states = {}
+        for user in users:
+            record = records[user]
+            if record.state and record.model_version == self.version:
+                states[user] = states_from_bytes([record.state], self.template, self.device)
+            else:
+                states[user] = self._rebuild(record.history)
+                stats.rebuilt_states += bool(record.history)
+        return states
+
+    def _rebuild(self, history: list[str]):
+        """A fresh state advanced over the stored history (new user or new model version)."""
+        state = self.model.init_state(1, device=self.device)
+        for raw in history:
+            state, _ = self.model.step(state, torch.tensor([self.item_index(raw)], device=self.device))
+        return state
+
+    def _advance(self, events: list[Event], records, states, stats):
+        users = [e.user_id for e in events]
+        items = torch.tensor([self.item_index(e.item_id) for e in events], device=self.device)
+        for event, index in zip(events, items.tolist()):
+            record = records[event.user_id]
+            record.history = (record.history + [event.item_id])[-self.history_len:]
+            record.last_offset = max(record.last_offset, event.offset)
+            record.last_event_id = event.event_id
+            record.events_applied += 1
+            record.model_version = self.version
+            if index == OOV:
+                record.unknown_items += 1
+                stats.unknown_items += 1
+        stats.applied += len(events)
+        if self.template is not None:
+            batched = {k: torch.cat([states[u][k] for u in users]) for k in self.template}
+            batched, user_repr = self.model.step(batched, items)
+            for row, user in enumerate(users):
+                states[user] = {k: v[row:row + 1] for k, v in batched.items()}
+        else:
+            user_repr = self._window_repr([records[u].history for u in users])
+        scores = self.model.scores(user_repr)
+        if self.exclude_seen:
+            for row, user in enumerate(users):
+                seen = [self.index[raw] for raw in records[user].history if raw in self.index]
+                scores[row, seen] = -torch.inf
+        top_scores, top_items = torch.topk(scores, self.top_k, dim=1)
+        produced_at = int(time.time() * 1000)
+        return [self._recommendation(e, top_items[row].tolist(), top_scores[row].tolist(),
+                                     produced_at) for row, e in enumerate(events)]
+
+    def _window_repr(self, histories: list[list[str]]):
+        """Window models (paper MLSA4Rec, SASRec): recompute over the last max_len items."""
+        max_len = self.model.config.max_len
+        windows = [[self.item_index(raw) for raw in h[-max_len:]] for h in histories]
+        seq = torch.zeros(len(windows), max_len, dtype=torch.long, device=self.device)
+        for row, window in enumerate(windows):
+            seq[row, :len(window)] = torch.tensor(window, device=self.device)
+        lengths = torch.tensor([len(w) for w in windows], device=self.device)
+        return self.model(seq, lengths)
+
+    def _recommendation(self, event: Event, items, scores, produced_at: int) -> dict:
+        return {
+            "_event": id(event),
+            "user_id": event.user_id,
+            "event_id": event.event_id,
+            "event_timestamp": event.timestamp_ms,
+            "items": [{"item_id": self.item_ids[i], "score": float(s), "rank": rank + 1}
+                      for rank, (i, s) in enumerate(zip(items, scores))],
+            "model_version": self.version,
+            "produced_at": produced_at,
+        }
+
+    def _store_states(self, users, records, states):
+        for user in users:
+            if user in states:
+                records[user].state = state_to_bytes(states[user], 0, self.state_dtype)

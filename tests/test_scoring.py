@@ -1,0 +1,143 @@
+"""The scorer's batch cycle, without Kafka: what comes out equals the offline model."""
+
+import pytest
+import torch
+
+from model.models import build_model
+from streams.scoring import Event, Scorer, UserRecord
+
+N_ITEMS = 40
+ITEM_IDS = ["[PAD]"] + [f"item{i}" for i in range(1, N_ITEMS)]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def small_model(name="mlsa4rec-s"):
+    torch.manual_seed(0)
+    return build_model(name, N_ITEMS, {"hidden": 32, "max_len": 20}).eval()
+
+
+def make_events(n_users=4, per_user=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    events, offset = [], 0
+    for step in range(per_user):
+        for u in range(n_users):
+            item = int(torch.randint(1, N_ITEMS, (1,), generator=g))
+            events.append(Event(f"u{u}", f"item{item}", f"e{offset}", 1000 * offset, 0, offset))
+            offset += 1
+    return events
+
+
+def offline_top_k(model, items: list[int], k=10):
+    """Step one user alone over its items; the top k after the last one."""
+    state = model.init_state(1)
+    for item in items:
+        state, repr_ = model.step(state, torch.tensor([item]))
+    scores, top = torch.topk(model.scores(repr_), k)
+    return top[0].tolist(), scores[0]
+
+
+def run_in_batches(scorer, events, batch_size):
+    table, out = {}, []
+    for start in range(0, len(events), batch_size):
+        batch = events[start:start + batch_size]
+        records = {e.user_id: (UserRecord.from_bytes(table[e.user_id]) if e.user_id in table
+                               else None) for e in batch}
+        updated, recs, _ = scorer.process(batch, records)
+        table.update({u: r.to_bytes() for u, r in updated.items()})
+        out += recs
+    return table, out
+
+
+@pytest.mark.parametrize("batch_size", [1, 5, 100])
+def test_batched_scoring_equals_the_offline_model_stepped_per_user(batch_size):
+    model = small_model()
+    scorer = Scorer(model, ITEM_IDS, "v1")
+    events = make_events()
+    _, recs = run_in_batches(scorer, events, batch_size)
+    assert [r["event_id"] for r in recs] == [e.event_id for e in events]
+    for rec in recs:
+        user_items = [int(e.item_id[4:]) for e in events
+                      if e.user_id == rec["user_id"] and e.offset <= int(rec["event_id"][1:])]
+        top, scores = offline_top_k(model, user_items)
+        assert [ITEM_IDS.index(i["item_id"]) for i in rec["items"]] == top
+        assert torch.allclose(torch.tensor([i["score"] for i in rec["items"]]), scores, atol=1e-4)
+        assert [i["rank"] for i in rec["items"]] == list(range(1, 11))
+        assert rec["model_version"] == "v1"
+
+
+def test_a_replayed_event_is_not_applied_twice():
+    scorer = Scorer(small_model(), ITEM_IDS, "v1")
+    events = make_events(n_users=2, per_user=3)
+    table, _ = run_in_batches(scorer, events, 100)
+    again = {u: UserRecord.from_bytes(b) for u, b in table.items()}
+    updated, recs, stats = scorer.process(events[-2:], dict(again))
+    assert stats.duplicates == 2 and stats.applied == 0 and recs == []
+    assert {u: r.to_bytes() for u, r in updated.items()} == {}
+
+
+def test_unknown_items_are_kept_counted_and_scored():
+    model = small_model()
+    scorer = Scorer(model, ITEM_IDS, "v1")
+    events = [Event("u", "item3", "a", 0, 0, 0), Event("u", "brand-new", "b", 1, 0, 1)]
+    updated, recs, stats = scorer.process(events, {"u": None})
+    assert stats.unknown_items == 1 and len(recs) == 2
+    assert updated["u"].history == ["item3", "brand-new"] and updated["u"].unknown_items == 1
+    assert all(torch.isfinite(torch.tensor([i["score"] for i in r["items"]])).all() for r in recs)
+
+
+def test_paper_model_is_served_by_recomputing_the_window():
+    model = small_model("mlsa4rec")
+    scorer = Scorer(model, ITEM_IDS, "v1")
+    events = make_events(n_users=2, per_user=25)         # longer than max_len 20
+    _, recs = run_in_batches(scorer, events, 7)
+    last = recs[-1]
+    items = [int(e.item_id[4:]) for e in events if e.user_id == last["user_id"]][-20:]
+    scores = model.full_sort_scores(torch.tensor([items]), torch.tensor([len(items)]))
+    top = torch.topk(scores, 10).indices[0].tolist()
+    assert [ITEM_IDS.index(i["item_id"]) for i in last["items"]] == top
+
+
+def test_a_state_from_another_model_version_is_rebuilt_from_the_history():
+    model = small_model()
+    events = make_events(n_users=1, per_user=8)
+    table, _ = run_in_batches(Scorer(model, ITEM_IDS, "v1"), events[:7], 100)
+    record = UserRecord.from_bytes(table["u0"])
+    record.state = b"\x01" + b"\x00" * 8          # garbage that must not be used
+    _, recs, stats = Scorer(model, ITEM_IDS, "v2").process(events[7:], {"u0": record})
+    assert stats.rebuilt_states == 1 and recs[0]["model_version"] == "v2"
+    top, _ = offline_top_k(model, [int(e.item_id[4:]) for e in events])
+    assert [ITEM_IDS.index(i["item_id"]) for i in recs[0]["items"]] == top
+
+
+def test_half_precision_state_storage_keeps_the_ranking():
+    model = small_model()
+    events = make_events(n_users=3, per_user=30)
+    table32, recs32 = run_in_batches(Scorer(model, ITEM_IDS, "v1"), events, 9)
+    table16, recs16 = run_in_batches(Scorer(model, ITEM_IDS, "v1", state_dtype=torch.float16),
+                                     events, 9)
+    worst = max(abs(a["score"] - b["score"]) for r32, r16 in zip(recs32, recs16)
+                for a, b in zip(r32["items"], r16["items"]))
+    assert worst < 5e-2
+    assert len(table16["u0"]) < 0.6 * len(table32["u0"])
+
+
+def test_exclude_seen_never_recommends_a_history_item():
+    scorer = Scorer(small_model(), ITEM_IDS, "v1", exclude_seen=True)
+    events = make_events(n_users=2, per_user=10)
+    _, recs = run_in_batches(scorer, events, 6)
+    for rec in recs:
+        seen = {e.item_id for e in events
+                if e.user_id == rec["user_id"] and e.offset <= int(rec["event_id"][1:])}
+        assert not seen & {i["item_id"] for i in rec["items"]}
+
+
+def test_user_record_round_trip():
+    record = UserRecord("v3", b"\x01abc", 17, "e17", ["a", "b"], 5, 1)
+    assert UserRecord.from_bytes(record.to_bytes()) == record

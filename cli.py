@@ -2,6 +2,9 @@
 
     mlsa4rec train     [--dataset ml-100k] [--model mlsa4rec-s] [...]   train, evaluate, save
     mlsa4rec evaluate  CHECKPOINT [--dataset ...]                       test metrics of a checkpoint
+    mlsa4rec worker    [--broker 127.0.0.1:9092] [--checkpoint ...]     run a scorer worker
+    mlsa4rec produce   FILE|-  [--broker ...]                           send clicks (JSON lines / CSV)
+    mlsa4rec tail      [--broker ...] [--from-beginning]                print recommendations
 
 Every TrainConfig field is an option (--batch-size ...) and an environment variable
 (MLSA4REC_BATCH_SIZE=...); model hyper-parameters go as --set name=value.
@@ -74,6 +77,35 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def cmd_worker(args) -> int:
+    from streams.app import run_worker
+    from streams.config import StreamConfig
+
+    run_worker(typed_config.build(StreamConfig, args))
+    return 0
+
+
+def cmd_produce(args) -> int:
+    from streams.clients import produce_clicks, read_clicks
+    from streams.config import StreamConfig
+
+    cfg = typed_config.build(StreamConfig, args)
+    count = produce_clicks(cfg.broker, cfg.interactions_topic, read_clicks(args.source))
+    print(f"produced {count} clicks to {cfg.interactions_topic}", file=sys.stderr)
+    return 0
+
+
+def cmd_tail(args) -> int:
+    from streams.clients import tail_recommendations
+    from streams.config import StreamConfig
+
+    cfg = typed_config.build(StreamConfig, args)
+    for rec in tail_recommendations(cfg.broker, cfg.recommendations_topic, args.from_beginning,
+                                    args.max, args.idle_timeout):
+        print(json.dumps(rec), flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mlsa4rec", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -88,6 +120,21 @@ def main(argv: list[str] | None = None) -> int:
     p_eval.add_argument("--dataset", default=None)
     p_eval.add_argument("--device", default="auto")
     p_eval.set_defaults(func=cmd_evaluate)
+    from streams.config import StreamConfig
+    p_worker = sub.add_parser("worker", help="run a scorer worker (Faust)")
+    typed_config.add_arguments(p_worker, StreamConfig)
+    p_worker.set_defaults(func=cmd_worker)
+    p_produce = sub.add_parser("produce", help="send clicks to the interactions topic")
+    p_produce.add_argument("source", help="JSON-lines file, CSV file, or - for stdin")
+    typed_config.add_arguments(p_produce, StreamConfig)
+    p_produce.set_defaults(func=cmd_produce)
+    p_tail = sub.add_parser("tail", help="print recommendations as JSON lines")
+    typed_config.add_arguments(p_tail, StreamConfig)
+    p_tail.add_argument("--from-beginning", action="store_true")
+    p_tail.add_argument("--max", type=int, default=0, help="stop after this many (0 = never)")
+    p_tail.add_argument("--idle-timeout", type=float, default=0.0,
+                        help="stop after this many seconds without a message (0 = never)")
+    p_tail.set_defaults(func=cmd_tail)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -1,0 +1,70 @@
+"""The scorer worker: one Faust app with the scoring agent and the state table.
+
+`run_worker(cfg)` creates the topics, loads the checkpoint, builds the app and runs it until
+it is stopped (SIGTERM / SIGINT). Scale out by starting more workers with the same app_id and
+their own data_dir: Kafka assigns them partitions, and each user's state follows its partition.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import faust
+import torch
+
+from model.checkpoint import load_checkpoint
+from model.training import pick_device
+from streams.agents import ScoringAgent
+from streams.config import StreamConfig
+from streams.scoring import Scorer
+from streams.tables import user_state_table
+from streams.topics import ensure_topics, raw_topic, topic_partitions
+
+STATE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+def build_scorer(cfg: StreamConfig) -> Scorer:
+    if cfg.state_dtype not in STATE_DTYPES:
+        raise ValueError(f"state_dtype must be one of {sorted(STATE_DTYPES)}, not {cfg.state_dtype!r}")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = pick_device(cfg.device)
+    model, payload = load_checkpoint(cfg.checkpoint, device=device)
+    return Scorer(model, payload["item_ids"], payload["version"], device=device,
+                  top_k=cfg.top_k, exclude_seen=cfg.exclude_seen,
+                  state_dtype=STATE_DTYPES[cfg.state_dtype])
+
+
+def create_app(cfg: StreamConfig, scorer: Scorer):
+    app = faust.App(
+        cfg.app_id,
+        broker=f"kafka://{cfg.broker}",
+        store="rocksdb://",                 # faust uses rocksdict when it is installed
+        datadir=cfg.data_dir,
+        topic_partitions=cfg.partitions,
+        topic_replication_factor=cfg.replication,
+        consumer_auto_offset_reset="earliest",
+        producer_acks=-1,
+        web_enabled=False,
+    )
+    interactions = raw_topic(app, cfg.interactions_topic, cfg.partitions)
+    agent = ScoringAgent(
+        cfg, scorer, interactions,
+        recommendations=raw_topic(app, cfg.recommendations_topic, cfg.partitions),
+        dead_letters=raw_topic(app, cfg.dead_letter_topic, cfg.partitions),
+        table=user_state_table(app, cfg.partitions))
+
+    @app.agent(interactions, name="score")
+    async def score(stream):
+        await agent.run(stream)
+
+    return app, agent
+
+
+def run_worker(cfg: StreamConfig) -> None:
+    logging.basicConfig(level=cfg.log_level.upper())
+    ensure_topics(cfg.broker, topic_partitions(cfg), cfg.replication)
+    scorer = build_scorer(cfg)
+    app, _ = create_app(cfg, scorer)
+    worker = faust.Worker(app, loglevel=cfg.log_level.upper(), quiet=True)
+    worker.execute_from_commandline()

@@ -1,0 +1,43 @@
+"""Topic names, up-front creation, and the raw-bytes topic objects of the Faust app.
+
+Faust does not create an agent's input topic (the broker default partition count would
+apply): `ensure_topics` creates ours with their final partition counts before any worker starts.
+Values stay raw bytes in Faust: we decode them ourselves so that a bad payload can go to the
+dead-letter topic instead of crashing the agent.
+"""
+
+from __future__ import annotations
+
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from streams.config import StreamConfig
+
+
+def topic_partitions(cfg: StreamConfig) -> dict[str, int]:
+    return {cfg.interactions_topic: cfg.partitions,
+            cfg.recommendations_topic: cfg.partitions,
+            cfg.dead_letter_topic: cfg.partitions}
+
+
+def ensure_topics(bootstrap: str, wanted: dict[str, int], replication: int = 1,
+                  timeout: float = 30.0) -> None:
+    """Create missing topics; an existing one must have the wanted partition count."""
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    existing = admin.list_topics(timeout=timeout).topics
+    for name, partitions in wanted.items():
+        if name in existing and len(existing[name].partitions) != partitions:
+            raise RuntimeError(f"topic {name!r} has {len(existing[name].partitions)} partitions, "
+                               f"the configuration says {partitions}")
+    missing = [NewTopic(name, partitions, replication) for name, partitions in wanted.items()
+               if name not in existing]
+    for name, future in (admin.create_topics(missing) if missing else {}).items():
+        try:
+            future.result(timeout)
+        except Exception as exc:  # noqa: BLE001 - a concurrent creator is fine
+            if "TOPIC_ALREADY_EXISTS" not in str(exc):
+                raise
+
+
+def raw_topic(app, name: str, partitions: int):
+    return app.topic(name, key_type=bytes, value_type=bytes, key_serializer="raw",
+                     value_serializer="raw", partitions=partitions)

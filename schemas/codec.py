@@ -1,0 +1,444 @@
+"""Avro encode/decode in the Confluent wire format.
+
+Wire format (what Confluent serializers produce and expect):
+    byte 0      0x00 magic
+    bytes 1..4  schema id, big-endian signed int32
+    bytes 5..   Avro binary body (no container-file header)
+
+Decoding looks the WRITER schema up by the id in the header and resolves it
+to the codec's READER schema; that resolution is what makes schema evolution
+work (added fields get their defaults, removed fields are skipped, unknown
+enum symbols fall back to the enum default).
+
+Schema ids come from a "schema source", either
+  * PinnedSchemas   - fixed ids from schemas/ids.json, no network, or
+  * RegistrySchemas - a Confluent-compatible Schema Registry.
+Both offer: id_for(full_name, schema) -> int and schema_for(id) -> parsed schema.
+
+Timestamps: encode accepts int epoch millis or a tz-aware datetime.  Decode
+returns int epoch millis by default (timestamps="millis"), because the rest of
+the system does arithmetic on them; timestamps="datetime" keeps what fastavro
+returns for timestamp-millis: a tz-aware UTC datetime.
+
+Every bad payload raises DecodeError (a ValueError) with a short,
+human-readable reason; the streaming worker puts that reason in a header of
+the dead-letter message, so keep messages short and free of payload dumps.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import io
+import json
+import struct
+import threading
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import fastavro
+from fastavro.read import SchemaResolutionError
+from fastavro.schema import to_parsing_canonical_form
+from fastavro.validation import ValidationError, validate
+
+SCHEMA_DIR = Path(__file__).resolve().parent
+MAGIC = 0
+_HEADER = struct.Struct(">bi")  # magic byte + big-endian int32 schema id
+_EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
+_ONE_MS = _dt.timedelta(milliseconds=1)
+_MAX_REASON = 200  # keep dead-letter header values small
+
+
+class DecodeError(ValueError):
+    """A payload (or record) that cannot be (de)serialized; str(e) is the reason."""
+
+    def __init__(self, reason: str):
+        if len(reason) > _MAX_REASON:
+            reason = reason[: _MAX_REASON - 3] + "..."
+        super().__init__(reason)
+        self.reason = reason
+
+
+class EncodeError(DecodeError):
+    """Encode-side failure; subclass so one `except DecodeError` catches both."""
+
+
+# --------------------------------------------------------------------------
+# schema files
+
+
+def _schema_path(name: str) -> Path:
+    """'interaction', 'Interaction', 'interaction.avsc' or a path -> file path."""
+    p = Path(name)
+    if p.suffix == ".avsc" and (p.is_absolute() or p.parent != Path(".")):
+        return p
+    stem = p.name[: -len(".avsc")] if p.name.endswith(".avsc") else p.name
+    return SCHEMA_DIR / f"{stem.lower()}.avsc"
+
+
+def load_schema_json(name: str) -> dict:
+    """The raw JSON dict of a schema file (what gets registered)."""
+    with open(_schema_path(name), encoding="utf-8") as f:
+        return json.load(f)
+
+
+def load_schema(name: str) -> dict:
+    """Parsed fastavro schema for schemas/<name>.avsc (name case-insensitive)."""
+    return fastavro.parse_schema(load_schema_json(name))
+
+
+def _raw(schema: Any) -> Any:
+    """Strip fastavro's private '__...' keys so a parsed schema is plain Avro JSON again."""
+    if isinstance(schema, dict):
+        return {k: _raw(v) for k, v in schema.items() if not k.startswith("__")}
+    if isinstance(schema, list):
+        return [_raw(v) for v in schema]
+    return schema
+
+
+def _parse(schema: Any) -> dict:
+    # parse_schema gets a fresh named-type table each call, so re-parsing an
+    # already parsed schema (which carries private keys) is avoided instead.
+    if isinstance(schema, dict) and schema.get("__fastavro_parsed"):
+        return schema
+    return fastavro.parse_schema(schema)
+
+
+def _fingerprint(schema: dict) -> str:
+    # Parsing Canonical Form ignores doc/defaults/logical types: two schemas
+    # with the same form produce identical bytes, so they may share an id.
+    return to_parsing_canonical_form(_raw(schema))
+
+
+def _short_name(full_name: str) -> str:
+    return full_name.rsplit(".", 1)[-1]
+
+
+# --------------------------------------------------------------------------
+# schema sources
+
+
+class PinnedSchemas:
+    """Schema ids pinned in schemas/ids.json; no registry, no network.
+
+    ids.json: {"Interaction": 1, "Recommendation": 2,
+               "versions": {"1": "interaction.avsc", "2": "recommendation.avsc"}}
+    Keys starting with '_' are comments.  `add()` pins extra versions in memory
+    (tests, or a reader that must understand a schema not yet in a file).
+    """
+
+    def __init__(self, path: str | Path | None = None):
+        path = Path(path) if path else SCHEMA_DIR / "ids.json"
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+        self._by_id: dict[int, dict] = {}
+        self._current: dict[str, int] = {}
+        for sid, fname in cfg.get("versions", {}).items():
+            self.add(int(sid), load_schema_json(str(path.parent / fname)))
+        for name, sid in cfg.items():
+            if name.startswith("_") or name == "versions":
+                continue
+            if int(sid) not in self._by_id:
+                raise ValueError(f"{path}: id {sid} for {name} has no entry in 'versions'")
+            self._current[name] = int(sid)
+
+    def add(self, schema_id: int, schema: dict, current: bool = False) -> None:
+        """Pin `schema` under `schema_id`; current=True makes encoders of its name use it."""
+        parsed = _parse(schema)
+        old = self._by_id.get(schema_id)
+        if old is not None and _fingerprint(old) != _fingerprint(parsed):
+            raise ValueError(f"schema id {schema_id} is already pinned to another schema")
+        self._by_id[schema_id] = parsed
+        if current:
+            self._current[_short_name(parsed["name"])] = schema_id
+
+    def current_id(self, name: str) -> int:
+        return self._current[_short_name(name)]
+
+    def id_for(self, full_name: str, schema: dict) -> int:
+        """Id to write `schema` with: the pinned id whose schema is the same.
+
+        Refusing an unpinned schema stops a producer from labelling bytes with
+        an id whose schema would decode them wrongly.
+        """
+        fp = _fingerprint(schema)
+        short = _short_name(full_name)
+        cur = self._current.get(short)
+        if cur is not None and _fingerprint(self._by_id[cur]) == fp:
+            return cur
+        for sid, s in sorted(self._by_id.items()):
+            if _fingerprint(s) == fp:
+                return sid
+        raise EncodeError(f"schema {full_name} is not pinned in ids.json; add it under a new id")
+
+    def schema_for(self, schema_id: int) -> dict:
+        try:
+            return self._by_id[schema_id]
+        except KeyError:
+            raise DecodeError(f"unknown schema id {schema_id}") from None
+
+
+class _PlainSchema:
+    """Stand-in for confluent_kafka's Schema when it cannot be imported
+    (its package import needs optional extras such as authlib)."""
+
+    def __init__(self, schema_str: str, schema_type: str = "AVRO"):
+        self.schema_str = schema_str
+        self.schema_type = schema_type
+        self.references: list = []
+
+
+def _schema_factory() -> Callable[[str, str], Any]:
+    try:
+        from confluent_kafka.schema_registry import Schema
+    except ImportError:
+        return _PlainSchema
+    return Schema
+
+
+class RegistrySchemas:
+    """Schema ids from a Confluent-compatible Schema Registry.
+
+    `client` needs register_schema(subject, Schema) -> int and
+    get_schema(schema_id) -> object with .schema_str, like
+    confluent_kafka.schema_registry.SchemaRegistryClient.  Subjects follow
+    the TopicNameStrategy: '<topic>-value', topic looked up by record name.
+    Results are cached: one register per schema, one get per id.
+    """
+
+    DEFAULT_TOPICS = {"Interaction": "interactions", "Recommendation": "recommendations"}
+
+    def __init__(self, client: Any, topics: Mapping[str, str] | None = None):
+        self.client = client
+        self.topics = dict(self.DEFAULT_TOPICS if topics is None else topics)
+        self._make_schema = _schema_factory()
+        self._ids: dict[tuple[str, str], int] = {}
+        self._schemas: dict[int, dict] = {}
+        self._lock = threading.Lock()  # producers may share one instance across threads
+
+    @classmethod
+    def from_url(cls, url: str, topics: Mapping[str, str] | None = None, **conf: Any) -> "RegistrySchemas":
+        """Build with a real SchemaRegistryClient ({'url': url, **conf})."""
+        from confluent_kafka.schema_registry import SchemaRegistryClient
+
+        return cls(SchemaRegistryClient({"url": url, **conf}), topics)
+
+    def subject_for(self, full_name: str) -> str:
+        short = _short_name(full_name)
+        try:
+            return f"{self.topics[short]}-value"
+        except KeyError:
+            raise EncodeError(f"no topic configured for record {full_name}") from None
+
+    def id_for(self, full_name: str, schema: dict) -> int:
+        subject = self.subject_for(full_name)
+        schema_str = json.dumps(_raw(schema), separators=(",", ":"))
+        key = (subject, schema_str)
+        with self._lock:
+            sid = self._ids.get(key)
+            if sid is None:
+                # Registry errors (incompatible schema, network) propagate:
+                # they are configuration problems, not bad messages.
+                sid = int(self.client.register_schema(subject, self._make_schema(schema_str, "AVRO")))
+                self._ids[key] = sid
+                self._schemas.setdefault(sid, _parse(json.loads(schema_str)))
+            return sid
+
+    def schema_for(self, schema_id: int) -> dict:
+        with self._lock:
+            parsed = self._schemas.get(schema_id)
+        if parsed is not None:
+            return parsed
+        try:
+            reg = self.client.get_schema(schema_id)
+        except Exception as e:
+            # Only "not found" means the message is bad; an unreachable
+            # registry must not send good messages to the dead-letter topic.
+            if getattr(e, "http_status_code", None) == 404 or isinstance(e, KeyError):
+                raise DecodeError(f"unknown schema id {schema_id}") from None
+            raise
+        try:
+            parsed = _parse(json.loads(reg.schema_str))
+        except Exception as e:
+            raise DecodeError(f"schema id {schema_id} is not a usable Avro schema: {e}") from None
+        with self._lock:
+            self._schemas[schema_id] = parsed
+        return parsed
+
+
+# --------------------------------------------------------------------------
+# codec
+
+
+def _to_millis(value: Any) -> Any:
+    """Recursively turn datetimes (fastavro's timestamp-millis) into int epoch millis."""
+    if isinstance(value, _dt.datetime):
+        return (value - _EPOCH) // _ONE_MS
+    if isinstance(value, dict):
+        return {k: _to_millis(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_to_millis(v) for v in value]
+    return value
+
+
+def _describe(datum: Any) -> str:
+    r = repr(datum)
+    return f"{type(datum).__name__} {r if len(r) <= 40 else r[:37] + '...'}"
+
+
+class AvroCodec:
+    """Encode/decode one record type in the Confluent wire format.
+
+    name:     schema file name ('interaction', 'recommendation')
+    schemas:  PinnedSchemas / RegistrySchemas (anything with id_for/schema_for)
+    schema:   optional schema dict overriding the file (e.g. a newer version);
+              it is both the writer schema for encode and the reader for decode
+    timestamps: 'millis' (default) -> decoded timestamp-millis are int epoch
+              millis; 'datetime' -> tz-aware UTC datetimes as fastavro gives.
+    """
+
+    def __init__(self, name: str, schemas: Any, *, schema: dict | None = None,
+                 timestamps: str = "millis"):
+        if timestamps not in ("millis", "datetime"):
+            raise ValueError("timestamps must be 'millis' or 'datetime'")
+        self.schema = _parse(schema if schema is not None else load_schema_json(name))
+        self.full_name: str = self.schema["name"]
+        self.schemas = schemas
+        self.timestamps = timestamps
+        self._fields = self.schema["fields"]
+        self._by_name = {f["name"]: f for f in self._fields}
+        self._ts_fields = [f["name"] for f in self._fields
+                           if isinstance(f["type"], dict) and f["type"].get("logicalType") == "timestamp-millis"]
+        self._id: int | None = None  # resolved lazily so building a codec needs no registry call
+
+    @property
+    def schema_id(self) -> int:
+        if self._id is None:
+            self._id = self.schemas.id_for(self.full_name, self.schema)
+        return self._id
+
+    def _check(self, record: Any) -> None:
+        if not isinstance(record, Mapping):
+            raise EncodeError(f"{self.full_name}: record must be a dict, got {type(record).__name__}")
+        for f in self._fields:
+            if f["name"] not in record and "default" not in f:
+                raise EncodeError(f"{self.full_name}: missing required field '{f['name']}'")
+        # Naive datetimes would silently be taken as UTC; refuse the guess.
+        for name in self._ts_fields:
+            v = record.get(name)
+            if isinstance(v, _dt.datetime) and v.tzinfo is None:
+                raise EncodeError(f"{self.full_name}: field '{name}' is a naive datetime; use tz-aware or int millis")
+        try:
+            validate(record, self.schema, raise_errors=True)
+        except ValidationError as e:
+            errs = getattr(e, "errors", None) or ()
+            if errs:
+                err = errs[0]
+                field = str(err.field).removeprefix(self.full_name + ".")
+                expected = err.schema
+                top = self._by_name.get(field)
+                if top is not None and isinstance(top["type"], list):
+                    # fastavro reports the last union branch tried; name the whole union
+                    expected, datum = top["type"], record.get(field)
+                else:
+                    datum = err.datum
+                    ns = self.full_name.rpartition(".")[0]
+                    field = field.removeprefix(ns + ".") if ns else field
+                raise EncodeError(f"{self.full_name}: field '{field}' expects {_schema_label(expected)}, "
+                                  f"got {_describe(datum)}") from None
+            raise EncodeError(f"{self.full_name}: invalid record") from None
+
+    def encode(self, record: Mapping[str, Any]) -> bytes:
+        """Record dict -> magic + schema id + Avro body. Raises EncodeError."""
+        self._check(record)
+        buf = io.BytesIO()
+        buf.write(_HEADER.pack(MAGIC, self.schema_id))
+        try:
+            fastavro.schemaless_writer(buf, self.schema, dict(record))
+        except Exception as e:  # validate() should have caught it; keep the contract anyway
+            raise EncodeError(f"{self.full_name}: cannot encode: {type(e).__name__}: {e}") from None
+        return buf.getvalue()
+
+    def decode(self, data: bytes) -> dict:
+        """Wire bytes -> record dict in this codec's (reader) schema. Raises DecodeError."""
+        if not isinstance(data, (bytes, bytearray, memoryview)):
+            raise DecodeError(f"payload must be bytes, got {type(data).__name__}")
+        data = bytes(data)
+        if not data:
+            raise DecodeError("empty payload")
+        if data[0] != MAGIC:
+            raise DecodeError(f"bad magic byte 0x{data[0]:02x} (expected 0x00: not Confluent Avro)")
+        if len(data) < _HEADER.size:
+            raise DecodeError(f"truncated header: {len(data)} bytes, need {_HEADER.size}")
+        _, sid = _HEADER.unpack_from(data)
+        writer = self.schemas.schema_for(sid)  # raises DecodeError for an unknown id
+        buf = io.BytesIO(data)
+        buf.seek(_HEADER.size)
+        try:
+            record = fastavro.schemaless_reader(buf, writer, self.schema)
+        except SchemaResolutionError as e:
+            raise DecodeError(f"schema id {sid} ({writer.get('name')}) cannot be read as {self.full_name}: {e}") from None
+        except EOFError:
+            raise DecodeError(f"truncated body (schema id {sid})") from None
+        except Exception as e:
+            # fastavro's compiled reader reports a short buffer as IndexError,
+            # the same as a bad enum/union index, so both are named here.
+            raise DecodeError(f"truncated or corrupt body (schema id {sid}): {type(e).__name__}: {e}") from None
+        rest = len(data) - buf.tell()
+        if rest:
+            # The writer schema fully determines the length; leftovers mean corruption.
+            raise DecodeError(f"{rest} trailing bytes after record (schema id {sid})")
+        if not isinstance(record, dict):
+            raise DecodeError(f"schema id {sid} is not a record schema")
+        return _to_millis(record) if self.timestamps == "millis" else record
+
+
+def _schema_label(schema: Any) -> str:
+    """Short human name of a (sub)schema for error messages."""
+    if isinstance(schema, str):
+        return schema
+    if isinstance(schema, list):
+        return " or ".join(_schema_label(s) for s in schema)
+    if isinstance(schema, dict):
+        if schema.get("type") == "enum":
+            return f"one of {schema.get('symbols')}"
+        if schema.get("logicalType"):
+            return f"{schema['logicalType']} (int millis or tz-aware datetime)"
+        if schema.get("type") == "map":
+            return f"map<{_schema_label(schema.get('values'))}>"
+        if schema.get("type") == "array":
+            return f"array<{_schema_label(schema.get('items'))}>"
+        return str(schema.get("name") or schema.get("type"))
+    return str(schema)
+
+
+# --------------------------------------------------------------------------
+# convenience helpers with the pinned ids (no registry)
+
+_default_lock = threading.Lock()
+_default: dict[str, AvroCodec] = {}
+
+
+def _pinned_codec(name: str) -> AvroCodec:
+    with _default_lock:
+        codec = _default.get(name)
+        if codec is None:
+            codec = _default[name] = AvroCodec(name, PinnedSchemas())
+        return codec
+
+
+def encode_interaction(record: Mapping[str, Any]) -> bytes:
+    return _pinned_codec("interaction").encode(record)
+
+
+def decode_interaction(data: bytes) -> dict:
+    """Timestamps come back as int epoch millis."""
+    return _pinned_codec("interaction").decode(data)
+
+
+def encode_recommendation(record: Mapping[str, Any]) -> bytes:
+    return _pinned_codec("recommendation").encode(record)
+
+
+def decode_recommendation(data: bytes) -> dict:
+    """Timestamps come back as int epoch millis."""
+    return _pinned_codec("recommendation").decode(data)

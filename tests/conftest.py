@@ -13,3 +13,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip_slow)
+
+
+from tests.kafka_broker import kafka_bootstrap_server  # noqa: E402,F401  (session fixture)

@@ -9,7 +9,7 @@ import time
 import uuid
 from typing import Iterable, Iterator
 
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer, KafkaError, Producer
 
 from schemas.codec import decode_recommendation, encode_interaction
 
@@ -77,6 +77,8 @@ def tail_recommendations(bootstrap: str, topic: str, from_beginning: bool = Fals
                     return
                 continue
             if msg.error():
+                if msg.error().code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                    continue                    # not created yet: keep waiting
                 raise RuntimeError(str(msg.error()))
             last = time.monotonic()
             seen += 1

@@ -17,8 +17,9 @@ STATE_TABLE = "user-state"
 
 
 def user_state_table(app, partitions: int):
+    # bytes key and value types make Faust store them raw (no JSON).
     return app.Table(STATE_TABLE, default=None, key_type=bytes, value_type=bytes,
-                     key_serializer="raw", value_serializer="raw", partitions=partitions)
+                     partitions=partitions)
 
 
 @contextlib.contextmanager

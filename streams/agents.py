@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 from schemas.codec import DecodeError, decode_interaction, encode_recommendation
@@ -36,13 +37,16 @@ def to_event(message_event) -> Event:
 
 
 class ScoringAgent:
-    def __init__(self, cfg, scorer, interactions, recommendations, dead_letters, table):
-        self.cfg, self.scorer, self.table = cfg, scorer, table
+    def __init__(self, cfg, scorer, interactions, recommendations, dead_letters, table,
+                 recovery=None):
+        self.cfg, self.scorer, self.table, self.recovery = cfg, scorer, table, recovery
         self.interactions = interactions
         self.recommendations, self.dead_letters = recommendations, dead_letters
         # One model thread: batches queue behind it, the event loop stays free.
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="model")
-        self.counts = {"events": 0, "dead_letters": 0, "duplicates": 0, "unknown_items": 0}
+        self.counts = {"events": 0, "applied": 0, "dead_letters": 0, "duplicates": 0,
+                       "unknown_items": 0}
+        self.last_report = time.monotonic()
 
     async def run(self, stream) -> None:
         async for batch in stream.take_events(self.cfg.batch_max,
@@ -50,6 +54,10 @@ class ScoringAgent:
             await self.handle(batch)
 
     async def handle(self, batch) -> None:
+        if self.recovery is not None:
+            # Faust can hand over events fetched before a rebalance's table recovery and seek
+            # have finished; score only on restored states.
+            await self.recovery.completed.wait()
         events, last_event_of = [], {}
         for message_event in batch:
             try:
@@ -76,9 +84,14 @@ class ScoringAgent:
         for user, record in updated.items():
             with as_current(last_event_of[user]):
                 self.table[user.encode()] = record.to_bytes()
-        self.counts["events"] += stats.events
-        self.counts["duplicates"] += stats.duplicates
-        self.counts["unknown_items"] += stats.unknown_items
+        for name in ("events", "applied", "duplicates", "unknown_items"):
+            self.counts[name] += getattr(stats, name)
+        self.report()
+
+    def report(self) -> None:
+        if time.monotonic() - self.last_report >= self.cfg.report_every_s:
+            self.last_report = time.monotonic()
+            log.info("scored so far: %s", " ".join(f"{k}={v}" for k, v in self.counts.items()))
 
     async def dead_letter(self, message_event, reason: str) -> None:
         message = message_event.message

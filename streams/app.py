@@ -46,13 +46,16 @@ def create_app(cfg: StreamConfig, scorer: Scorer):
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
         web_enabled=False,
+        broker_session_timeout=cfg.session_timeout_s,
+        broker_heartbeat_interval=cfg.session_timeout_s / 4,
     )
     interactions = raw_topic(app, cfg.interactions_topic, cfg.partitions)
     agent = ScoringAgent(
         cfg, scorer, interactions,
         recommendations=raw_topic(app, cfg.recommendations_topic, cfg.partitions),
         dead_letters=raw_topic(app, cfg.dead_letter_topic, cfg.partitions),
-        table=user_state_table(app, cfg.partitions))
+        table=user_state_table(app, cfg.partitions),
+        recovery=app.tables.recovery)
 
     @app.agent(interactions, name="score")
     async def score(stream):

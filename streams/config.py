@@ -24,4 +24,7 @@ class StreamConfig:
     threads: int = 0                    # torch CPU threads for the model; 0 = torch default
     data_dir: str = "runs/worker"       # RocksDB tables live here; one folder per worker
     web_port: int = 6066
+    # How soon the group notices a dead worker and hands its partitions on (broker minimum: 6 s).
+    session_timeout_s: float = 10.0
     log_level: str = "info"
+    report_every_s: float = 10.0        # a progress line in the log at most this often

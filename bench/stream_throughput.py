@@ -65,7 +65,10 @@ def produce(bootstrap, topic, events, rate=0.0):
 
 
 def drain(bootstrap, topic, count, timeout=600.0):
-    """Consume `count` recommendations; returns (receive times s, latencies ms)."""
+    """Consume `count` recommendations; returns (their append times s, latencies ms).
+
+    Times are the recommendation records' Kafka timestamps (set when the worker sends them), so
+    latency = recommendation sent - click sent, whenever this consumer happens to read it."""
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": uuid.uuid4().hex,
                          "auto.offset.reset": "earliest"})
     consumer.subscribe([topic])
@@ -75,10 +78,10 @@ def drain(bootstrap, topic, count, timeout=600.0):
         for msg in consumer.consume(1000, 0.5):
             if msg.error():
                 continue
-            now = time.time()
+            sent_ms = msg.timestamp()[1]
             rec = decode_recommendation(msg.value())
-            received.append(now)
-            latencies.append(now * 1000 - rec["event_timestamp"])
+            received.append(sent_ms / 1000)
+            latencies.append(sent_ms - rec["event_timestamp"])
     consumer.close()
     return np.array(received), np.array(latencies)
 
@@ -152,11 +155,12 @@ def measure(bootstrap, label, start_consumer, events, rate, tmp, **worker_args):
     proc = start_consumer(name)
     received, _ = drain(bootstrap, f"out-{name}", events)
     # Throughput from the first to the last recommendation: excludes process start-up.
+    received = np.sort(received)
     throughput = (len(received) - 1) / (received[-1] - received[0]) if len(received) > 1 else 0.0
     n_latency = max(200, int(rate * 10))
     produce(bootstrap, f"in-{name}", list(clicks(n_latency, 2, "steady")), rate=rate)
-    received2, latencies = drain(bootstrap, f"out-{name}", events + n_latency)
-    steady = latencies[-n_latency:]
+    times, latencies = drain(bootstrap, f"out-{name}", events + n_latency)
+    steady = latencies[np.argsort(times)][-n_latency:]
     result = {"label": label, "events/s": throughput, "p50 ms": float(np.percentile(steady, 50)),
               "p99 ms": float(np.percentile(steady, 99)), "startup s": received[0] - started}
     if hasattr(proc, "terminate"):

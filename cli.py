@@ -42,6 +42,12 @@ def cmd_train(args) -> int:
     data = prepare(load_interactions(cfg.dataset))
     overrides = {"max_len": cfg.max_len, **_model_overrides(args.set or [])}
     model = build_model(cfg.model, data.n_items, overrides)
+    if cfg.init_from:
+        from model.checkpoint import load_checkpoint
+        start, payload = load_checkpoint(cfg.init_from)
+        if payload["item_ids"] != data.item_ids or payload["model"] != cfg.model:
+            raise SystemExit(f"{cfg.init_from} is a {payload['model']} on other items")
+        model.load_state_dict(start.state_dict())
     result = train(model, data, cfg)
     run = describe_run(cfg, result)
     dataset_name = Path(cfg.dataset).stem

@@ -38,6 +38,7 @@ class TrainConfig:
     threads: int = 0              # torch CPU threads; 0 = torch's default
     time_budget_min: float = 0.0  # stop after the epoch that passes this many minutes; 0 = none
     checkpoint: str = ""          # where to save; "" = runs/<dataset>-<model>.pt
+    init_from: str = ""           # start from this checkpoint's weights (continue a run)
     progress: bool = True
 
 

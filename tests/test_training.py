@@ -245,3 +245,22 @@ def test_cli_set_rejects_missing_value(tmp_path, clean_env):
     with pytest.raises(SystemExit):
         cli.main(["train", "--dataset", str(dataset), "--epochs", "1", "--progress", "false",
                   "--checkpoint", str(tmp_path / "x.pt"), "--set", "hidden"])
+
+
+def test_cli_train_init_from_continues_a_checkpoint_and_refuses_another_model(tmp_path, clean_env):
+    dataset = tmp_path / "log.csv"
+    write_log(dataset)
+    first, second = tmp_path / "a.pt", tmp_path / "b.pt"
+    common = ["--dataset", str(dataset), "--progress", "false", "--threads", "1",
+              "--set", "hidden=32"]
+    assert cli.main(["train", *common, "--epochs", "1", "--checkpoint", str(first)]) == 0
+    # lr 0: the continued run must keep exactly the weights it started from.
+    assert cli.main(["train", *common, "--epochs", "1", "--lr", "0", "--init-from", str(first),
+                     "--checkpoint", str(second)]) == 0
+    a, _ = load_checkpoint(first)
+    b, _ = load_checkpoint(second)
+    for (name, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(pa, pb), name
+    with pytest.raises(SystemExit, match="mlsa4rec-s"):
+        cli.main(["train", *common[:-2], "--model", "mamba4rec", "--epochs", "1",
+                  "--init-from", str(first), "--checkpoint", str(tmp_path / "c.pt")])

@@ -8,6 +8,8 @@ dead-letter topic instead of crashing the agent.
 
 from __future__ import annotations
 
+import time
+
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from streams.config import StreamConfig
@@ -36,6 +38,17 @@ def ensure_topics(bootstrap: str, wanted: dict[str, int], replication: int = 1,
         except Exception as exc:  # noqa: BLE001 - a concurrent creator is fine
             if "TOPIC_ALREADY_EXISTS" not in str(exc):
                 raise
+    # Creation is asynchronous on the broker: wait until every partition has a leader.
+    deadline = time.monotonic() + timeout
+    while True:
+        topics = admin.list_topics(timeout=timeout).topics
+        if all(name in topics and len(topics[name].partitions) == n
+               and all(p.leader >= 0 for p in topics[name].partitions.values())
+               for name, n in wanted.items()):
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"topics {sorted(wanted)} have no leaders after {timeout} s")
+        time.sleep(0.2)
 
 
 def raw_topic(app, name: str, partitions: int):

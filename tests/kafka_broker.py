@@ -133,30 +133,7 @@ def kafka_bootstrap_server() -> Iterator[str]:
 
 
 def create_topics(bootstrap: str, topics: Mapping[str, int], timeout: float = 30.0) -> None:
-    """Create topics {name: partitions}; an existing topic with that count is fine."""
-    from confluent_kafka import KafkaException
-    from confluent_kafka.admin import AdminClient, NewTopic
+    """Create topics {name: partitions}, as the worker does; an existing one must match."""
+    from streams.topics import ensure_topics
 
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    new = [NewTopic(name, num_partitions=n, replication_factor=1) for name, n in topics.items()]
-    for name, future in admin.create_topics(new, request_timeout=timeout).items():
-        try:
-            future.result(timeout)
-        except KafkaException as exc:
-            if exc.args[0].name() != "TOPIC_ALREADY_EXISTS":
-                raise
-    # Creation is async on the broker: wait until metadata shows every partition,
-    # and fail loudly if an existing topic has another partition count.
-    deadline = time.monotonic() + timeout
-    while True:
-        md = admin.list_topics(timeout=timeout).topics
-        counts = {name: len(md[name].partitions) for name in topics if name in md}
-        for name, n in counts.items():
-            if n != topics[name] and n:
-                raise ValueError(f"topic {name} exists with {n} partitions, wanted {topics[name]}")
-        led = all(p.leader >= 0 for name in counts for p in md[name].partitions.values())
-        if len(counts) == len(topics) and all(counts.values()) and led:
-            return
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"topics not visible in metadata: {sorted(set(topics) - set(counts))}")
-        time.sleep(0.2)
+    ensure_topics(bootstrap, dict(topics), timeout=timeout)

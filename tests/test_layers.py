@@ -24,14 +24,6 @@ MAMBA_SSM_SHAPES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """torch's default thread pool is very slow for these small ops on a busy 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 # ------------------------------------------------------------------------ Mamba block
 

@@ -19,14 +19,6 @@ SMALL = {
 CAUSAL = ["mlsa4rec-s", "mamba4rec", "sasrec"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """torch's default thread pool is very slow for these small ops on a busy 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def small_model(name, seed=0, **extra):
     torch.manual_seed(seed)

@@ -10,13 +10,6 @@ N_ITEMS = 40
 ITEM_IDS = ["[PAD]"] + [f"item{i}" for i in range(1, N_ITEMS)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def small_model(name="mlsa4rec-s"):
     torch.manual_seed(0)

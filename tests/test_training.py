@@ -18,15 +18,6 @@ from model.models import build_model
 from model.training import TrainConfig, causal_windows, evaluate, prefix_windows, train
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """On a busy 2-core machine torch's default thread pool makes the small models here
-    tens of times slower; restore the setting afterwards (train() may change it too)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture
 def clean_env(monkeypatch):

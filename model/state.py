@@ -21,10 +21,18 @@ def state_size(template: dict[str, torch.Tensor]) -> int:
 
 
 def state_to_bytes(state: dict[str, torch.Tensor], row: int, dtype=torch.float32) -> bytes:
+    return states_to_bytes({k: v[row:row + 1] for k, v in state.items()}, dtype)[0]
+
+
+def states_to_bytes(state: dict[str, torch.Tensor], dtype=torch.float32) -> list[bytes]:
+    """Every row of a batched state, one conversion for the whole batch."""
     if dtype not in _TAGS:
         raise ValueError(f"unsupported storage dtype {dtype}")
-    flat = torch.cat([state[k][row].reshape(-1) for k in sorted(state)]).to(dtype)
-    return bytes([_TAGS[dtype]]) + flat.cpu().numpy().tobytes()
+    rows = next(iter(state.values())).shape[0]
+    flat = torch.cat([state[k].reshape(rows, -1) for k in sorted(state)], dim=1)
+    flat = flat.to(dtype).cpu().numpy()
+    tag = bytes([_TAGS[dtype]])
+    return [tag + flat[i].tobytes() for i in range(rows)]
 
 
 def states_from_bytes(blobs: list[bytes], template: dict[str, torch.Tensor], device=None):

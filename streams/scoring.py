@@ -20,7 +20,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from model.models.base import OOV
-from model.state import state_to_bytes, states_from_bytes
+from model.state import states_from_bytes, states_to_bytes
 
 HISTORY_LEN = 50
 
@@ -126,16 +126,18 @@ class Scorer:
         return 0 <= event.offset <= record.last_offset
 
     def _load_states(self, users, records, stats):
+        """user -> a one-row view of the state; stored states are unpacked in one call."""
         if self.template is None:
             return {}
+        stored = [u for u in users if records[u].state and records[u].model_version == self.version]
         states = {}
+        if stored:
+            batch = states_from_bytes([records[u].state for u in stored], self.template, self.device)
+            states = {u: {k: v[i:i + 1] for k, v in batch.items()} for i, u in enumerate(stored)}
         for user in users:
-            record = records[user]
-            if record.state and record.model_version == self.version:
-                states[user] = states_from_bytes([record.state], self.template, self.device)
-            else:
-                states[user] = self._rebuild(record.history)
-                stats.rebuilt_states += bool(record.history)
+            if user not in states:
+                states[user] = self._rebuild(records[user].history)
+                stats.rebuilt_states += bool(records[user].history)
         return states
 
     def _rebuild(self, history: list[str]):
@@ -199,6 +201,9 @@ class Scorer:
         }
 
     def _store_states(self, users, records, states):
-        for user in users:
-            if user in states:
-                records[user].state = state_to_bytes(states[user], 0, self.state_dtype)
+        users = [u for u in users if u in states]
+        if not users:
+            return
+        batch = {k: torch.cat([states[u][k] for u in users]) for k in self.template}
+        for user, blob in zip(users, states_to_bytes(batch, self.state_dtype)):
+            records[user].state = blob

@@ -145,7 +145,7 @@ def raw_loop(bootstrap, src, dst, count, timeout=300.0):
     consumer.close()
 
 
-def measure(bootstrap, label, start_consumer, events, rate, tmp, **worker_args):
+def measure(bootstrap, label, start_consumer, events, rate, worker: bool):
     """Backlog throughput, then latency at `rate`. start_consumer(name) -> process or thread."""
     name = uuid.uuid4().hex[:8]
     ensure_topics(bootstrap, {f"in-{name}": PARTITIONS, f"out-{name}": PARTITIONS,
@@ -166,7 +166,7 @@ def measure(bootstrap, label, start_consumer, events, rate, tmp, **worker_args):
     if hasattr(proc, "terminate"):
         proc.terminate()
         proc.wait(30)
-    if worker_args:
+    if worker:
         total, records = changelog_bytes(bootstrap, f"bench-{name}")
         result["changelog MB"] = total / 1e6
         result["bytes/record"] = total / max(records, 1)
@@ -197,7 +197,7 @@ def main():
                 t.start()
                 return t
             results.append(measure(bootstrap, "raw confluent-kafka loop (ceiling)", start_raw,
-                                   args.events, args.rate, tmp))
+                                   args.events, args.rate, worker=False))
             print(results[-1], flush=True)
         for model_name in args.models:
             torch.manual_seed(0)
@@ -214,7 +214,7 @@ def main():
                         return run_worker(bootstrap, checkpoint, name, batch, dtype,
                                           tmp / f"data-{name}")
                     results.append(measure(bootstrap, label, start_worker, args.events, args.rate,
-                                           tmp, worker=True))
+                                           worker=True))
                     print(results[-1], flush=True)
     print("\n| run | events/s | p50 ms | p99 ms | changelog bytes/record | changelog MB/s |")
     print("|---|---|---|---|---|---|")

@@ -37,10 +37,9 @@ def to_event(message_event) -> Event:
 
 
 class ScoringAgent:
-    def __init__(self, cfg, scorer, interactions, recommendations, dead_letters, table,
+    def __init__(self, cfg, scorer, recommendations, dead_letters, table,
                  recovery=None):
         self.cfg, self.scorer, self.table, self.recovery = cfg, scorer, table, recovery
-        self.interactions = interactions
         self.recommendations, self.dead_letters = recommendations, dead_letters
         # One model thread: batches queue behind it, the event loop stays free.
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="model")

@@ -51,7 +51,7 @@ def create_app(cfg: StreamConfig, scorer: Scorer):
     )
     interactions = raw_topic(app, cfg.interactions_topic, cfg.partitions)
     agent = ScoringAgent(
-        cfg, scorer, interactions,
+        cfg, scorer,
         recommendations=raw_topic(app, cfg.recommendations_topic, cfg.partitions),
         dead_letters=raw_topic(app, cfg.dead_letter_topic, cfg.partitions),
         table=user_state_table(app, cfg.partitions),

@@ -1,8 +1,6 @@
 import csv
 import hashlib
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa

@@ -17,7 +17,7 @@ from collections import defaultdict
 from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient
 
-from tests.kafka_broker import create_topics, kafka_bootstrap_server  # noqa: F401
+from tests.kafka_broker import create_topics
 
 N_MESSAGES = 100
 KEYS = [f"user-{i}" for i in range(7)]

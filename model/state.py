@@ -37,24 +37,42 @@ def states_to_bytes(state: dict[str, torch.Tensor], dtype=torch.float32) -> list
 
 def states_from_bytes(blobs: list[bytes], template: dict[str, torch.Tensor], device=None):
     """Rebuild a batched fp32 state (one row per blob) shaped like `template`."""
-    keys = sorted(template)
     size = state_size(template)
-    rows = []
-    for i, blob in enumerate(blobs):
-        tag = blob[0] if blob else None
-        if tag not in _DTYPES:
-            raise ValueError(f"state blob {i}: unknown dtype tag {tag}")
-        np_dtype = np.float32 if _DTYPES[tag] is torch.float32 else np.float16
-        values = np.frombuffer(blob, dtype=np_dtype, offset=1)
-        if values.size != size:
-            raise ValueError(f"state blob {i}: {values.size} values, the model needs {size}")
-        rows.append(torch.from_numpy(values.astype(np.float32)))
-    flat = torch.stack(rows) if rows else torch.zeros(0, size)
+    flat = torch.from_numpy(_values(blobs, size)) if blobs else torch.zeros(0, size)
     state, offset = {}, 0
-    for key in keys:
+    for key in sorted(template):
         shape = template[key].shape[1:]
         n = int(np.prod(shape)) if len(shape) else 1
         state[key] = flat[:, offset:offset + n].reshape(len(blobs), *shape).contiguous().to(
             device or template[key].device)
         offset += n
     return state
+
+
+def _values(blobs: list[bytes], size: int) -> np.ndarray:
+    """(rows, size) float32 from the blobs; one numpy conversion when they share a dtype."""
+    tags = {blob[0] if blob else None for blob in blobs}
+    lengths = {len(blob) for blob in blobs}
+    if len(tags) == 1 and len(lengths) == 1:
+        tag, length = tags.pop(), lengths.pop()
+        if tag in _DTYPES and length == 1 + size * _itemsize(tag):
+            rows = np.frombuffer(b"".join(blobs), np.uint8).reshape(len(blobs), length)[:, 1:]
+            return np.ascontiguousarray(rows).view(_np_dtype(tag)).astype(np.float32)
+    out = np.empty((len(blobs), size), np.float32)       # mixed or bad blobs: check each
+    for i, blob in enumerate(blobs):
+        tag = blob[0] if blob else None
+        if tag not in _DTYPES:
+            raise ValueError(f"state blob {i}: unknown dtype tag {tag}")
+        values = np.frombuffer(blob, dtype=_np_dtype(tag), offset=1)
+        if values.size != size:
+            raise ValueError(f"state blob {i}: {values.size} values, the model needs {size}")
+        out[i] = values
+    return out
+
+
+def _np_dtype(tag: int):
+    return np.float32 if _DTYPES[tag] is torch.float32 else np.float16
+
+
+def _itemsize(tag: int) -> int:
+    return np.dtype(_np_dtype(tag)).itemsize

@@ -1,14 +1,20 @@
 """The scoring agent: a batch of raw events in, one Recommendation per event out.
 
-Per batch (stream.take_events: at most batch_max events, or what came within batch_wait):
-  1. decode; an event that does not decode goes to the dead-letter topic, reason in a header;
-  2. read the users' records from the state table;
-  3. score in the model thread (never on the event loop);
-  4. send the recommendations and wait for the broker's acks;
-  5. only then write the new records to the table.
-A crash before 5 replays the batch from the old states: the same recommendations again (at
-least once). A crash after 5 replays events that the records mark as applied: skipped.
-Offsets are committed by Faust after the batch returns.
+Two stages, so that the model and the event loop work at the same time:
+  start (event loop)   decode (an event that does not decode goes to the dead-letter topic,
+                       reason in a header), read the users' records from the state table, and
+                       hand the batch to the model thread;
+  model thread         lay the records still unwritten by earlier batches over the table's
+                       (streams/pipeline.py), score, serialise records and recommendations;
+  finish (event loop)  send the recommendations and wait for the broker's acks, only then
+                       write the records to the table, then ack the batch's events.
+Batches finish in the order they started; at most `pipeline_depth` wait to finish.
+
+Each event's message holds an extra reference until its batch has finished, so Faust commits
+its offset only after its record is in the table (take_events alone would ack it as soon as
+the next batch is taken). A crash before the table write replays the batch from the old
+states: the same recommendations again (at least once). A crash after it replays events
+that the records mark as applied: skipped.
 """
 
 from __future__ import annotations
@@ -17,9 +23,11 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 from schemas.codec import DecodeError, decode_interaction, encode_recommendation
-from streams.scoring import Event, UserRecord
+from streams.pipeline import UnwrittenRecords
+from streams.scoring import BatchStats, Event, UserRecord
 from streams.tables import as_current
 
 log = logging.getLogger(__name__)
@@ -36,23 +44,51 @@ def to_event(message_event) -> Event:
                  int(record["timestamp"]), message.partition, message.offset)
 
 
+@dataclass
+class Scored:
+    records: dict[str, UserRecord]          # the records to write, by user
+    blobs: dict[str, bytes]                 # ... serialised
+    recommendations: list[tuple[bytes, bytes]]  # (key, Avro value) in event order
+    stats: BatchStats
+
+
+@dataclass
+class Job:
+    message_events: list                    # every event of the batch, acked when it finishes
+    last_event_of: dict                     # user -> its last message event (table partition)
+    scored: asyncio.Future                  # -> Scored
+
+
 class ScoringAgent:
     def __init__(self, cfg, scorer, recommendations, dead_letters, table,
                  recovery=None):
         self.cfg, self.scorer, self.table, self.recovery = cfg, scorer, table, recovery
         self.recommendations, self.dead_letters = recommendations, dead_letters
-        # One model thread: batches queue behind it, the event loop stays free.
+        # One model thread: batches are scored in the order they came, off the event loop.
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="model")
+        self.unwritten = UnwrittenRecords()
         self.counts = {"events": 0, "applied": 0, "dead_letters": 0, "duplicates": 0,
                        "unknown_items": 0}
         self.last_report = time.monotonic()
 
     async def run(self, stream) -> None:
-        async for batch in stream.take_events(self.cfg.batch_max,
-                                              within=self.cfg.batch_wait_ms / 1000):
-            await self.handle(batch)
+        jobs: asyncio.Queue[Job] = asyncio.Queue(max(1, self.cfg.pipeline_depth))
+        finisher = asyncio.ensure_future(self.finish_jobs(stream, jobs))
+        try:
+            async for batch in stream.take_events(self.cfg.batch_max,
+                                                  within=self.cfg.batch_wait_ms / 1000):
+                for message_event in batch:
+                    message_event.message.incref()      # released in finish()
+                job = await self.start(batch)
+                put = asyncio.ensure_future(jobs.put(job))
+                await asyncio.wait({put, finisher}, return_when=asyncio.FIRST_COMPLETED)
+                if finisher.done():
+                    put.cancel()
+                    finisher.result()                   # re-raises what stopped it
+        finally:
+            finisher.cancel()
 
-    async def handle(self, batch) -> None:
+    async def start(self, batch) -> Job:
         if self.recovery is not None:
             # Faust can hand over events fetched before a rebalance's table recovery and seek
             # have finished; score only on restored states.
@@ -66,25 +102,43 @@ class ScoringAgent:
                 continue
             events.append(event)
             last_event_of[event.user_id] = message_event
-        if not events:
-            return
         records = {}
         for user, message_event in last_event_of.items():
             with as_current(message_event):
                 raw = self.table.get(user.encode())
             records[user] = UserRecord.from_bytes(raw) if raw is not None else None
-        loop = asyncio.get_running_loop()
-        updated, recs, stats = await loop.run_in_executor(
-            self.executor, self.scorer.process, events, records)
-        deliveries = [await self.recommendations.send(key=rec["user_id"].encode(),
-                                                      value=encode_recommendation(rec))
-                      for rec in recs]
+        scored = asyncio.get_running_loop().run_in_executor(
+            self.executor, self.score, events, records)
+        return Job(list(batch), last_event_of, scored)
+
+    def score(self, events: list[Event], records) -> Scored:
+        """The model thread's part of a batch."""
+        if not events:
+            return Scored({}, {}, [], BatchStats())
+        updated, recs, stats = self.scorer.process(events, self.unwritten.overlay(records))
+        self.unwritten.add(updated)
+        return Scored(updated, {user: record.to_bytes() for user, record in updated.items()},
+                      [(rec["user_id"].encode(), encode_recommendation(rec)) for rec in recs],
+                      stats)
+
+    async def finish_jobs(self, stream, jobs: asyncio.Queue) -> None:
+        while True:
+            job = await jobs.get()
+            await self.finish(stream, job)
+
+    async def finish(self, stream, job: Job) -> None:
+        scored = await job.scored
+        deliveries = [await self.recommendations.send(key=key, value=value)
+                      for key, value in scored.recommendations]
         await asyncio.gather(*deliveries)
-        for user, record in updated.items():
-            with as_current(last_event_of[user]):
-                self.table[user.encode()] = record.to_bytes()
+        for user, blob in scored.blobs.items():
+            with as_current(job.last_event_of[user]):
+                self.table[user.encode()] = blob
+        self.unwritten.written(scored.records)
+        for message_event in job.message_events:
+            await stream.ack(message_event)
         for name in ("events", "applied", "duplicates", "unknown_items"):
-            self.counts[name] += getattr(stats, name)
+            self.counts[name] += getattr(scored.stats, name)
         self.report()
 
     def report(self) -> None:

@@ -16,6 +16,7 @@ class StreamConfig:
     replication: int = 1
     batch_max: int = 64                 # events per model batch (stream.take_events max)
     batch_wait_ms: int = 20             # ... or whatever came within this wait
+    pipeline_depth: int = 2             # batches scored ahead of the one being written
     top_k: int = 10
     exclude_seen: bool = False
     state_dtype: str = "float32"        # storage of the step state: float32 or float16

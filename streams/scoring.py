@@ -108,11 +108,12 @@ class Scorer:
             if r == len(rounds):
                 rounds.append([])
             rounds[r].append(event)
-        touched = {u for u in depth}
+        touched = list(depth)
         states = self._load_states(touched, records, stats)
+        row_of = {user: row for row, user in enumerate(touched)}
         recommendations = []
         for round_events in rounds:
-            recommendations += self._advance(round_events, records, states, stats)
+            recommendations += self._advance(round_events, records, states, row_of, stats)
         self._store_states(touched, records, states)
         position = {id(e): i for i, e in enumerate(events)}
         recommendations.sort(key=lambda rec: position[rec.pop("_event")])
@@ -125,20 +126,25 @@ class Scorer:
             return True
         return 0 <= event.offset <= record.last_offset
 
-    def _load_states(self, users, records, stats):
-        """user -> a one-row view of the state; stored states are unpacked in one call."""
+    def _load_states(self, users: list[str], records, stats):
+        """One batched state, row i = users[i]: stored states unpacked in one call, the others
+        rebuilt from their history (new user or new model version)."""
         if self.template is None:
-            return {}
+            return None
         stored = [u for u in users if records[u].state and records[u].model_version == self.version]
-        states = {}
-        if stored:
-            batch = states_from_bytes([records[u].state for u in stored], self.template, self.device)
-            states = {u: {k: v[i:i + 1] for k, v in batch.items()} for i, u in enumerate(stored)}
+        if len(stored) == len(users):
+            return states_from_bytes([records[u].state for u in users], self.template, self.device)
+        unpacked = states_from_bytes([records[u].state for u in stored], self.template, self.device)
+        row_in_stored = {u: i for i, u in enumerate(stored)}
+        rows = []
         for user in users:
-            if user not in states:
-                states[user] = self._rebuild(records[user].history)
+            if user in row_in_stored:
+                i = row_in_stored[user]
+                rows.append({k: v[i:i + 1] for k, v in unpacked.items()})
+            else:
+                rows.append(self._rebuild(records[user].history))
                 stats.rebuilt_states += bool(records[user].history)
-        return states
+        return {k: torch.cat([row[k] for row in rows]) for k in self.template}
 
     def _rebuild(self, history: list[str]):
         """A fresh state advanced over the stored history (new user or new model version)."""
@@ -147,7 +153,7 @@ class Scorer:
             state, _ = self.model.step(state, torch.tensor([self.item_index(raw)], device=self.device))
         return state
 
-    def _advance(self, events: list[Event], records, states, stats):
+    def _advance(self, events: list[Event], records, states, row_of, stats):
         users = [e.user_id for e in events]
         items = torch.tensor([self.item_index(e.item_id) for e in events], device=self.device)
         for event, index in zip(events, items.tolist()):
@@ -162,10 +168,16 @@ class Scorer:
                 stats.unknown_items += 1
         stats.applied += len(events)
         if self.template is not None:
-            batched = {k: torch.cat([states[u][k] for u in users]) for k in self.template}
-            batched, user_repr = self.model.step(batched, items)
-            for row, user in enumerate(users):
-                states[user] = {k: v[row:row + 1] for k, v in batched.items()}
+            rows = [row_of[u] for u in users]
+            if rows == list(range(len(row_of))):     # every user in order: the usual batch
+                new_states, user_repr = self.model.step(states, items)
+                states.update(new_states)
+            else:
+                index = torch.tensor(rows, device=self.device)
+                new_states, user_repr = self.model.step(
+                    {k: v.index_select(0, index) for k, v in states.items()}, items)
+                for k, v in new_states.items():
+                    states[k].index_copy_(0, index, v)
         else:
             user_repr = self._window_repr([records[u].history for u in users])
         scores = self.model.scores(user_repr)
@@ -200,10 +212,8 @@ class Scorer:
             "produced_at": produced_at,
         }
 
-    def _store_states(self, users, records, states):
-        users = [u for u in users if u in states]
-        if not users:
+    def _store_states(self, users: list[str], records, states):
+        if states is None or not users:
             return
-        batch = {k: torch.cat([states[u][k] for u in users]) for k in self.template}
-        for user, blob in zip(users, states_to_bytes(batch, self.state_dtype)):
+        for user, blob in zip(users, states_to_bytes(states, self.state_dtype)):
             records[user].state = blob

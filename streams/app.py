@@ -45,6 +45,10 @@ def create_app(cfg: StreamConfig, scorer: Scorer):
         topic_replication_factor=cfg.replication,
         consumer_auto_offset_reset="earliest",
         producer_acks=-1,
+        # A state record is 33-66 KB: aiokafka's default 16 KB batch would make each one its
+        # own produce request.
+        producer_max_batch_size=cfg.producer_batch_bytes,
+        producer_linger=cfg.producer_linger_ms / 1000,
         web_enabled=False,
         broker_session_timeout=cfg.session_timeout_s,
         broker_heartbeat_interval=cfg.session_timeout_s / 4,

@@ -19,6 +19,8 @@ class StreamConfig:
     pipeline_depth: int = 2             # batches scored ahead of the one being written
     top_k: int = 10
     exclude_seen: bool = False
+    producer_batch_bytes: int = 1_048_576   # per partition batch of the worker's producer
+    producer_linger_ms: float = 2.0
     state_dtype: str = "float32"        # storage of the step state: float32 or float16
     checkpoint: str = "runs/ml-100k-mlsa4rec-s.pt"
     device: str = "auto"

@@ -3,6 +3,7 @@
     mlsa4rec train     [--dataset ml-100k] [--model mlsa4rec-s] [...]   train, evaluate, save
     mlsa4rec evaluate  CHECKPOINT [--dataset ...]                       test metrics of a checkpoint
     mlsa4rec worker    [--broker 127.0.0.1:9092] [--checkpoint ...]     run a scorer worker
+    mlsa4rec trainer   [--broker ...] [--round-every-events 2000]      fine-tune online, publish versions
     mlsa4rec produce   FILE|-  [--broker ...]                           send clicks (JSON lines / CSV)
     mlsa4rec tail      [--broker ...] [--from-beginning]                print recommendations
 
@@ -91,6 +92,14 @@ def cmd_worker(args) -> int:
     return 0
 
 
+def cmd_trainer(args) -> int:
+    from streams.config import TrainerConfig
+    from streams.trainer import run_trainer
+
+    run_trainer(typed_config.build(TrainerConfig, args))
+    return 0
+
+
 def cmd_produce(args) -> int:
     from streams.clients import produce_clicks, read_clicks
     from streams.config import StreamConfig
@@ -130,6 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     p_worker = sub.add_parser("worker", help="run a scorer worker (Faust)")
     typed_config.add_arguments(p_worker, StreamConfig)
     p_worker.set_defaults(func=cmd_worker)
+    from streams.config import TrainerConfig
+    p_trainer = sub.add_parser("trainer", help="fine-tune online from the stream, publish versions")
+    typed_config.add_arguments(p_trainer, TrainerConfig)
+    p_trainer.set_defaults(func=cmd_trainer)
     p_produce = sub.add_parser("produce", help="send clicks to the interactions topic")
     p_produce.add_argument("source", help="JSON-lines file, CSV file, or - for stdin")
     typed_config.add_arguments(p_produce, StreamConfig)

@@ -51,6 +51,8 @@ def load_checkpoint(path: str | os.PathLike, device="cpu", expected_sha256: str 
             raise ValueError(f"{path}: sha256 {actual} != expected {expected_sha256}")
     payload = torch.load(path, map_location=device, weights_only=True)
     config = {k: v for k, v in payload["config"].items() if k not in ("model", "n_items")}
-    model = build_model(payload["model"], len(payload["item_ids"]), config)
+    # A model that grew its vocabulary online keeps spare embedding rows past the id map.
+    n_items = payload["config"].get("n_items", len(payload["item_ids"]))
+    model = build_model(payload["model"], n_items, config)
     model.load_state_dict(payload["state_dict"])
     return model.to(device).eval(), payload

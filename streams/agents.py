@@ -4,7 +4,8 @@ Two stages, so that the model and the event loop work at the same time:
   start (event loop)   decode (an event that does not decode goes to the dead-letter topic,
                        reason in a header), read the users' records from the state table, and
                        hand the batch to the model thread;
-  model thread         lay the records still unwritten by earlier batches over the table's
+  model thread         swap in a new model version if one is ready (streams/model_updates.py),
+                       lay the records still unwritten by earlier batches over the table's
                        (streams/pipeline.py), score, serialise records and recommendations;
   finish (event loop)  send the recommendations and wait for the broker's acks, only then
                        write the records to the table, then ack the batch's events.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -67,6 +69,8 @@ class ScoringAgent:
         # One model thread: batches are scored in the order they came, off the event loop.
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="model")
         self.unwritten = UnwrittenRecords()
+        self._next_model = None                 # (model, item ids, version) to serve next
+        self._next_model_lock = threading.Lock()
         self.counts = {"events": 0, "applied": 0, "dead_letters": 0, "duplicates": 0,
                        "unknown_items": 0}
         self.last_report = time.monotonic()
@@ -111,8 +115,19 @@ class ScoringAgent:
             self.executor, self.score, events, records)
         return Job(list(batch), last_event_of, scored)
 
+    def serve_next(self, model, item_ids: list[str], version: str) -> None:
+        """Swap to this model before the next batch (any thread); a newer call wins."""
+        with self._next_model_lock:
+            self._next_model = (model, item_ids, version)
+
     def score(self, events: list[Event], records) -> Scored:
         """The model thread's part of a batch."""
+        with self._next_model_lock:
+            next_model, self._next_model = self._next_model, None
+        if next_model is not None:
+            previous = self.scorer.version
+            self.scorer.swap(*next_model)
+            log.info("serving model version %s (was %s)", self.scorer.version, previous)
         if not events:
             return Scored({}, {}, [], BatchStats())
         updated, recs, stats = self.scorer.process(events, self.unwritten.overlay(records))

@@ -16,6 +16,8 @@ from model.checkpoint import load_checkpoint
 from model.training import pick_device
 from streams.agents import ScoringAgent
 from streams.config import StreamConfig
+from streams.model_store import ModelStore
+from streams.model_updates import ModelWatcher, ensure_model_updates_topic
 from streams.scoring import Scorer
 from streams.tables import user_state_table
 from streams.topics import ensure_topics, raw_topic, topic_partitions
@@ -32,7 +34,7 @@ def build_scorer(cfg: StreamConfig) -> Scorer:
     model, payload = load_checkpoint(cfg.checkpoint, device=device)
     return Scorer(model, payload["item_ids"], payload["version"], device=device,
                   top_k=cfg.top_k, exclude_seen=cfg.exclude_seen,
-                  state_dtype=STATE_DTYPES[cfg.state_dtype])
+                  state_dtype=STATE_DTYPES[cfg.state_dtype], rebuild_states=cfg.rebuild_states)
 
 
 def create_app(cfg: StreamConfig, scorer: Scorer):
@@ -72,7 +74,15 @@ def run_worker(cfg: StreamConfig) -> None:
     logging.basicConfig(level=cfg.log_level.upper())
     ensure_topics(cfg.broker, topic_partitions(cfg), cfg.replication)
     scorer = build_scorer(cfg)
-    app, _ = create_app(cfg, scorer)
+    app, agent = create_app(cfg, scorer)
+    if cfg.follow_model_updates:
+        ensure_model_updates_topic(cfg.broker, cfg.model_updates_topic, cfg.replication)
+        watcher = ModelWatcher(
+            cfg.broker, cfg.model_updates_topic, ModelStore(cfg.model_store),
+            on_model=lambda model, payload, _: agent.serve_next(
+                model, payload["item_ids"], payload["version"]),
+            current_version=scorer.version, device=scorer.device)
+        watcher.start()
     worker = faust.Worker(app, loglevel=cfg.log_level.upper(), quiet=True)
     # Faust's progress spinner sets the root logger to DEBUG whatever the log level, and
     # aiokafka's per-message debug records then cost ~5% of a busy worker's time.

@@ -22,7 +22,11 @@ class StreamConfig:
     producer_batch_bytes: int = 1_048_576   # per partition batch of the worker's producer
     producer_linger_ms: float = 2.0
     state_dtype: str = "float32"        # storage of the step state: float32 or float16
-    checkpoint: str = "runs/ml-100k-mlsa4rec-s.pt"
+    checkpoint: str = "runs/ml-100k-mlsa4rec-s.pt"   # served until model-updates says otherwise
+    model_updates_topic: str = "model-updates"
+    model_store: str = "runs/models"    # versions announced on model-updates live here
+    follow_model_updates: bool = True
+    rebuild_states: bool = True         # rebuild a user's state made by an older version
     device: str = "auto"
     threads: int = 0                    # torch CPU threads for the model; 0 = torch default
     data_dir: str = "runs/worker"       # RocksDB tables live here; one folder per worker
@@ -31,3 +35,34 @@ class StreamConfig:
     session_timeout_s: float = 10.0
     log_level: str = "info"
     report_every_s: float = 10.0        # a progress line in the log at most this often
+
+
+@dataclass
+class TrainerConfig:
+    """The online trainer (`mlsa4rec trainer`); env MLSA4REC_<FIELD> as for the worker."""
+    broker: str = "127.0.0.1:9092"
+    interactions_topic: str = "interactions"
+    partitions: int = 4
+    replication: int = 1
+    model_updates_topic: str = "model-updates"
+    group_id: str = "mlsa4rec-trainer"
+    checkpoint: str = "runs/ml-100k-mlsa4rec-s.pt"   # the first version, if none is announced
+    model_store: str = "runs/models"
+    buffer_dir: str = "runs/trainer-buffer"
+    round_every_events: int = 2000      # a fine-tuning round after this many new events ...
+    round_every_s: float = 30.0         # ... or this many seconds with at least one
+    steps: int = 50                     # optimiser steps per round
+    batch_size: int = 64
+    lr: float = 1e-4
+    users_per_round: int = 512          # sequences drawn from the buffer per round
+    margin: float = 0.02                # publish unless holdout NDCG@10 drops by more (relative)
+    min_holdout: int = 20               # fewer held-out events: publish without judging
+    holdout_events: int = 500
+    max_seq_len: int = 200
+    recent_users: int = 2000
+    reservoir_users: int = 2000
+    item_chunk: int = 256               # spare embedding rows added at a time for new items
+    device: str = "auto"
+    threads: int = 0
+    seed: int = 0
+    log_level: str = "info"

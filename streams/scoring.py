@@ -13,6 +13,7 @@ change).
 from __future__ import annotations
 
 import json
+import math
 import struct
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,6 +22,7 @@ import torch
 
 from model.models.base import OOV
 from model.state import states_from_bytes, states_to_bytes
+from model.vocab import mask_spare_rows
 
 HISTORY_LEN = 50
 
@@ -74,13 +76,24 @@ class Scorer:
 
     def __init__(self, model, item_ids: list[str], version: str, device="cpu", top_k: int = 10,
                  exclude_seen: bool = False, state_dtype=torch.float32,
-                 history_len: int = HISTORY_LEN):
+                 history_len: int = HISTORY_LEN, rebuild_states: bool = True):
         self.model = model.to(device).eval()
         self.item_ids = list(item_ids)
         self.index = {raw: i for i, raw in enumerate(self.item_ids) if i > 0}
         self.version, self.device = version, torch.device(device)
         self.top_k, self.exclude_seen = top_k, exclude_seen
         self.state_dtype, self.history_len = state_dtype, history_len
+        self.rebuild_states = rebuild_states
+        self.template = model.init_state(1, device=self.device) if model.steppable else None
+
+    def swap(self, model, item_ids: list[str], version: str) -> None:
+        """Serve another model version from the next batch on; states made by the old one
+        are rebuilt from their history when their user comes back (or kept, if
+        rebuild_states is off and the state layout is the same)."""
+        self.model = model.to(self.device).eval()
+        self.item_ids = list(item_ids)
+        self.index = {raw: i for i, raw in enumerate(self.item_ids) if i > 0}
+        self.version = version
         self.template = model.init_state(1, device=self.device) if model.steppable else None
 
     def item_index(self, raw: str) -> int:
@@ -131,26 +144,38 @@ class Scorer:
         rebuilt from their history (new user or new model version)."""
         if self.template is None:
             return None
-        stored = [u for u in users if records[u].state and records[u].model_version == self.version]
+        stored = [u for u in users if records[u].state and (
+            records[u].model_version == self.version or not self.rebuild_states)]
         if len(stored) == len(users):
             return states_from_bytes([records[u].state for u in users], self.template, self.device)
         unpacked = states_from_bytes([records[u].state for u in stored], self.template, self.device)
-        row_in_stored = {u: i for i, u in enumerate(stored)}
-        rows = []
-        for user in users:
-            if user in row_in_stored:
-                i = row_in_stored[user]
-                rows.append({k: v[i:i + 1] for k, v in unpacked.items()})
-            else:
-                rows.append(self._rebuild(records[user].history))
-                stats.rebuilt_states += bool(records[user].history)
-        return {k: torch.cat([row[k] for row in rows]) for k in self.template}
+        others = [u for u in users if u not in set(stored)]
+        rebuilt = self._rebuild([records[u].history for u in others])
+        stats.rebuilt_states += sum(bool(records[u].history) for u in others)
+        # Row order = users: stored rows first, then the rebuilt ones, then permute.
+        position = {u: i for i, u in enumerate(stored + others)}
+        order = torch.tensor([position[u] for u in users], device=self.device)
+        return {k: torch.cat([unpacked[k], rebuilt[k]]).index_select(0, order)
+                for k in self.template}
 
-    def _rebuild(self, history: list[str]):
-        """A fresh state advanced over the stored history (new user or new model version)."""
-        state = self.model.init_state(1, device=self.device)
-        for raw in history:
-            state, _ = self.model.step(state, torch.tensor([self.item_index(raw)], device=self.device))
+    def _rebuild(self, histories: list[list[str]]):
+        """Fresh states advanced over the stored histories, all users together (a new user,
+        or a state made by another model version): one batched step per position, over the
+        rows whose history is that long."""
+        state = self.model.init_state(len(histories), device=self.device)
+        longest = max((len(h) for h in histories), default=0)
+        for t in range(longest):
+            rows = [r for r, h in enumerate(histories) if len(h) > t]
+            items = torch.tensor([self.item_index(histories[r][t]) for r in rows],
+                                 device=self.device)
+            if len(rows) == len(histories):
+                state, _ = self.model.step(state, items)
+                continue
+            index = torch.tensor(rows, device=self.device)
+            stepped, _ = self.model.step({k: v.index_select(0, index) for k, v in state.items()},
+                                         items)
+            for k, v in stepped.items():
+                state[k].index_copy_(0, index, v)
         return state
 
     def _advance(self, events: list[Event], records, states, row_of, stats):
@@ -180,12 +205,13 @@ class Scorer:
                     states[k].index_copy_(0, index, v)
         else:
             user_repr = self._window_repr([records[u].history for u in users])
-        scores = self.model.scores(user_repr)
+        scores = mask_spare_rows(self.model.scores(user_repr), len(self.item_ids))
         if self.exclude_seen:
             for row, user in enumerate(users):
                 seen = [self.index[raw] for raw in records[user].history if raw in self.index]
                 scores[row, seen] = -torch.inf
-        top_scores, top_items = torch.topk(scores, self.top_k, dim=1)
+        k = min(self.top_k, len(self.item_ids) - 1)
+        top_scores, top_items = torch.topk(scores, k, dim=1)
         produced_at = int(time.time() * 1000)
         return [self._recommendation(e, top_items[row].tolist(), top_scores[row].tolist(),
                                      produced_at) for row, e in enumerate(events)]
@@ -207,7 +233,7 @@ class Scorer:
             "event_id": event.event_id,
             "event_timestamp": event.timestamp_ms,
             "items": [{"item_id": self.item_ids[i], "score": float(s), "rank": rank + 1}
-                      for rank, (i, s) in enumerate(zip(items, scores))],
+                      for rank, (i, s) in enumerate(zip(items, scores)) if s != -math.inf],
             "model_version": self.version,
             "produced_at": produced_at,
         }

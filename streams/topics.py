@@ -22,16 +22,17 @@ def topic_partitions(cfg: StreamConfig) -> dict[str, int]:
 
 
 def ensure_topics(bootstrap: str, wanted: dict[str, int], replication: int = 1,
-                  timeout: float = 30.0) -> None:
-    """Create missing topics; an existing one must have the wanted partition count."""
+                  timeout: float = 30.0, configs: dict[str, dict[str, str]] | None = None) -> None:
+    """Create missing topics (with their `configs`, e.g. compaction); an existing one must
+    have the wanted partition count."""
     admin = AdminClient({"bootstrap.servers": bootstrap})
     existing = admin.list_topics(timeout=timeout).topics
     for name, partitions in wanted.items():
         if name in existing and len(existing[name].partitions) != partitions:
             raise RuntimeError(f"topic {name!r} has {len(existing[name].partitions)} partitions, "
                                f"the configuration says {partitions}")
-    missing = [NewTopic(name, partitions, replication) for name, partitions in wanted.items()
-               if name not in existing]
+    missing = [NewTopic(name, partitions, replication, config=(configs or {}).get(name, {}))
+               for name, partitions in wanted.items() if name not in existing]
     for name, future in (admin.create_topics(missing) if missing else {}).items():
         try:
             future.result(timeout)

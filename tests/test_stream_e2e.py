@@ -74,6 +74,8 @@ class Worker:
                      "--recommendations-topic", f"recommendations-{name}",
                      "--dead-letter-topic", f"dead-letters-{name}",
                      "--partitions", str(PARTITIONS), "--data-dir", str(tmp_path / "worker"),
+                     "--model-updates-topic", f"model-updates-{name}",
+                     "--model-store", str(tmp_path / "models"),
                      "--batch-max", "16", "--batch-wait-ms", "20", "--log-level", os.environ.get("TEST_WORKER_LOG_LEVEL", "warning"),
                      "--report-every-s", "0"]
         self.log = tmp_path / f"worker-{name}.log"

@@ -1,0 +1,122 @@
+"""The `model-updates` topic: the trainer announces versions, every scorer follows them.
+
+One partition, compacted, key b"model": Kafka keeps at least the latest announcement, so a
+scorer that starts later still finds the current version. Each scorer reads the topic from
+its beginning without a consumer group (every scorer sees every announcement), in a thread
+that also loads and checks the file: the model thread only swaps a ready model in between
+batches. A version that cannot be loaded is refused with one error line; the old one serves on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+
+from streams.model_store import ModelStore
+from streams.topics import ensure_topics
+
+log = logging.getLogger(__name__)
+KEY = b"model"
+
+
+def ensure_model_updates_topic(bootstrap: str, topic: str, replication: int = 1) -> None:
+    ensure_topics(bootstrap, {topic: 1}, replication,
+                  configs={topic: {"cleanup.policy": "compact"}})
+
+
+def announce(bootstrap: str, topic: str, announcement: dict, extra_config=None) -> None:
+    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True,
+                         **(extra_config or {})})
+    producer.produce(topic, key=KEY, value=json.dumps(announcement).encode())
+    if producer.flush(30):
+        raise RuntimeError(f"announcement of {announcement['version']} not delivered")
+
+
+def read_announcements(bootstrap: str, topic: str, timeout: float = 5.0) -> list[dict]:
+    """Every announcement still on the topic, oldest first (used at start-up)."""
+    consumer = _consumer(bootstrap)
+    consumer.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
+    _, high = consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=timeout)
+    out = []
+    while high > 0:
+        msg = consumer.poll(timeout)
+        if msg is None:
+            break
+        if not msg.error():
+            try:
+                out.append(json.loads(msg.value()))
+            except (ValueError, TypeError):
+                log.error("model-updates offset %s: not JSON, ignored", msg.offset())
+            if msg.offset() >= high - 1:
+                break
+    consumer.close()
+    return out
+
+
+def _consumer(bootstrap: str) -> Consumer:
+    return Consumer({"bootstrap.servers": bootstrap, "group.id": "unused-no-commits",
+                     "enable.auto.commit": False, "auto.offset.reset": "earliest"})
+
+
+class ModelWatcher(threading.Thread):
+    """Follows the topic; calls on_model(model, payload, announcement) for each new version
+    that loads and checks, in this thread."""
+
+    def __init__(self, bootstrap: str, topic: str, store: ModelStore, on_model,
+                 current_version: str, device="cpu"):
+        super().__init__(name="model-watcher", daemon=True)
+        self.bootstrap, self.topic, self.store = bootstrap, topic, store
+        self.on_model, self.current, self.device = on_model, current_version, device
+        self.stopping = threading.Event()
+        self.refused: list[str] = []
+
+    def run(self) -> None:
+        consumer = _consumer(self.bootstrap)
+        partition = TopicPartition(self.topic, 0, OFFSET_BEGINNING)
+        consumer.assign([partition])
+        try:
+            # What is already on the topic: only the newest announcement matters.
+            _, high = consumer.get_watermark_offsets(partition, timeout=10)
+            newest = None
+            while high > 0 and not self.stopping.is_set():
+                msg = consumer.poll(0.5)
+                if msg is None or msg.error():
+                    continue
+                newest = msg.value()
+                if msg.offset() >= high - 1:
+                    break
+            if newest is not None:
+                self.handle(newest)
+            while not self.stopping.is_set():
+                msg = consumer.poll(0.5)
+                if msg is None or msg.error():
+                    continue
+                self.handle(msg.value())
+        finally:
+            consumer.close()
+
+    def handle(self, value: bytes) -> None:
+        try:
+            announcement = json.loads(value)
+            version = announcement["version"]
+        except (ValueError, TypeError, KeyError):
+            log.error("refused a model-updates record that is not an announcement: %r", value[:200])
+            return
+        if version == self.current:
+            return
+        try:
+            model, payload = self.store.load(announcement, self.device)
+        except (ValueError, OSError, KeyError) as exc:
+            self.refused.append(version)
+            log.error("refused model version %s: %s; version %s keeps serving",
+                      version, exc, self.current)
+            return
+        self.current = version
+        log.info("model version %s loaded (parent %s)", version, announcement.get("parent"))
+        self.on_model(model, payload, announcement)
+
+    def stop(self) -> None:
+        self.stopping.set()

@@ -1,0 +1,207 @@
+"""The online trainer: consume clicks into the replay buffer, fine-tune, publish versions.
+
+`OnlineTrainer` is the logic without Kafka (tests drive it directly); `run_trainer` wires it to
+the `interactions` topic (its own consumer group) and to `model-updates`.
+
+A round (every `round_every_events` events or `round_every_s` seconds):
+  1. grow the item vocabulary for the new items seen (spare rows, model/vocab.py);
+  2. fine-tune a copy of the serving model on sequences sampled from the buffer, held-out
+     events cut off (model/finetune.py);
+  3. judge the copy and the serving model on the held-out events (NDCG@10);
+  4. publish the copy as a new version unless it is worse by more than `margin` (relative).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from model.finetune import FineTuneConfig, fine_tune, next_item_metrics
+from model.vocab import grow_item_embedding
+from streams.config import TrainerConfig
+from streams.replay_buffer import BufferConfig, ReplayBuffer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RoundResult:
+    published: dict | None        # the announcement, or None if the candidate was refused
+    candidate: dict               # holdout metrics ({} if not judged)
+    serving: dict
+    loss: float
+    seconds: float
+    new_items: int
+
+
+class OnlineTrainer:
+    def __init__(self, model, item_ids: list[str], version: str, buffer: ReplayBuffer,
+                 cfg: TrainerConfig, publish, device="cpu"):
+        """publish(model, item_ids, metrics, parent, trained_through) -> announcement dict."""
+        self.serving, self.version = model.to(device).eval(), version
+        self.item_ids = list(item_ids)
+        self.index = {raw: i for i, raw in enumerate(self.item_ids) if i > 0}
+        self.buffer, self.cfg, self.publish, self.device = buffer, cfg, publish, device
+        self.rng = np.random.default_rng(cfg.seed)
+        self.events_since_round = 0
+        self.last_round = time.monotonic()
+        # Timestamps of the newest holdout_events + 1 events: the oldest of them is the newest
+        # event a round trains on (the others are held out).
+        self.recent_timestamps: deque[int] = deque(maxlen=cfg.holdout_events + 1)
+        self.new_items_since_round = 0
+
+    def add(self, user: str, item: str, timestamp_ms: int = 0) -> None:
+        self.buffer.add(user, item)
+        self._index_of(item)
+        self.recent_timestamps.append(timestamp_ms)
+        self.events_since_round += 1
+
+    def _index_of(self, item: str) -> int:
+        if item not in self.index:
+            self.index[item] = len(self.item_ids)
+            self.item_ids.append(item)
+            self.new_items_since_round += 1
+        return self.index[item]
+
+    def due(self) -> bool:
+        return self.events_since_round >= self.cfg.round_every_events or (
+            self.events_since_round > 0
+            and time.monotonic() - self.last_round >= self.cfg.round_every_s)
+
+    def run_round(self) -> RoundResult:
+        started = time.perf_counter()
+        cfg = self.cfg
+        candidate = self._grown(self.serving)
+        users = self.buffer.sample_users(cfg.users_per_round)
+        sequences = [np.array([self._index_of(i) for i in self.buffer.training_sequence(u)],
+                              dtype=np.int64) for u in users]
+        optimizer = torch.optim.Adam(candidate.parameters(), lr=cfg.lr)
+        max_len = candidate.config.max_len
+        loss = fine_tune(candidate, optimizer, sequences,
+                         FineTuneConfig(cfg.steps, cfg.batch_size, cfg.lr, max_len),
+                         self.rng, self.device)
+        examples = self.buffer.holdout_examples()
+        cand_metrics, serving_metrics, accept = {}, {}, True
+        if len(examples) >= cfg.min_holdout:
+            histories = [np.array([self._index_of(i) for i in h], dtype=np.int64)
+                         for h, _ in examples]
+            targets = [self._index_of(t) for _, t in examples]
+            n_known = len(self.item_ids)
+            cand_metrics = next_item_metrics(candidate, histories, targets, n_known, max_len,
+                                             self.device)
+            serving_metrics = next_item_metrics(self._grown(self.serving), histories, targets,
+                                                n_known, max_len, self.device)
+            accept = cand_metrics["ndcg@10"] >= serving_metrics["ndcg@10"] * (1 - cfg.margin)
+        # Nothing to train on (nan loss), or diverged: nothing worth publishing.
+        if not np.isfinite(loss) or not all(torch.isfinite(p).all() for p in candidate.parameters()):
+            accept = False
+        trained_through = (self.recent_timestamps[0]
+                           if len(self.recent_timestamps) > cfg.holdout_events else None)
+        published = None
+        if accept:
+            metrics = {"holdout": cand_metrics, "serving_holdout": serving_metrics,
+                       "holdout_events": len(examples), "loss": loss}
+            published = self.publish(candidate, self.item_ids, metrics, self.version,
+                                     trained_through)
+            self.serving, self.version = candidate.eval(), published["version"]
+        result = RoundResult(published, cand_metrics, serving_metrics, loss,
+                             time.perf_counter() - started, self.new_items_since_round)
+        log.info("round: loss %.4f, holdout ndcg@10 %s vs serving %s (%d events), %d new items, "
+                 "%.1fs -> %s", loss, _fmt(cand_metrics), _fmt(serving_metrics), len(examples),
+                 self.new_items_since_round, result.seconds,
+                 published["version"] if published else "refused, serving version kept")
+        self.events_since_round, self.new_items_since_round = 0, 0
+        self.last_round = time.monotonic()
+        self.buffer.flush()
+        return result
+
+    def _grown(self, model):
+        grown = copy.deepcopy(model)
+        grow_item_embedding(grown, len(self.item_ids), self.cfg.item_chunk)
+        return grown
+
+
+def _fmt(metrics: dict) -> str:
+    return f"{metrics['ndcg@10']:.4f}" if metrics else "-"
+
+
+def buffer_config(cfg: TrainerConfig) -> BufferConfig:
+    return BufferConfig(cfg.max_seq_len, cfg.recent_users, cfg.reservoir_users,
+                        cfg.holdout_events)
+
+
+def run_trainer(cfg: TrainerConfig, stop=None) -> None:
+    """Consume until `stop` (a threading.Event) is set or the process is stopped."""
+    from confluent_kafka import Consumer
+
+    from model.checkpoint import load_checkpoint
+    from model.training import pick_device
+    from schemas.codec import DecodeError, decode_interaction
+    from streams.model_store import ModelStore
+    from streams.model_updates import announce, ensure_model_updates_topic, read_announcements
+    from streams.topics import ensure_topics
+
+    logging.basicConfig(level=cfg.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = pick_device(cfg.device)
+    ensure_topics(cfg.broker, {cfg.interactions_topic: cfg.partitions}, cfg.replication)
+    ensure_model_updates_topic(cfg.broker, cfg.model_updates_topic, cfg.replication)
+    store = ModelStore(cfg.model_store)
+    model = payload = None
+    for announcement in reversed(read_announcements(cfg.broker, cfg.model_updates_topic)):
+        try:
+            model, payload = store.load(announcement, device)
+            break
+        except (ValueError, OSError) as exc:
+            log.error("announced version %s unusable: %s", announcement.get("version"), exc)
+    if model is None:                   # first start: the checkpoint becomes the first version
+        model, payload = load_checkpoint(cfg.checkpoint, device=device)
+        first = store.publish(model, payload["item_ids"], payload["metrics"], parent=None)
+        announce(cfg.broker, cfg.model_updates_topic, first)
+        payload["version"] = first["version"]
+        log.info("announced the checkpoint %s as version %s", cfg.checkpoint, first["version"])
+
+    def publish(candidate, item_ids, metrics, parent, trained_through):
+        announcement = store.publish(candidate, item_ids, metrics, parent, trained_through)
+        announce(cfg.broker, cfg.model_updates_topic, announcement)
+        return announcement
+
+    buffer = ReplayBuffer(cfg.buffer_dir, buffer_config(cfg), cfg.seed)
+    trainer = OnlineTrainer(model, payload["item_ids"], payload["version"], buffer, cfg, publish,
+                            device)
+    consumer = Consumer({"bootstrap.servers": cfg.broker, "group.id": cfg.group_id,
+                         "auto.offset.reset": "earliest", "enable.auto.commit": False,
+                         # a round blocks polling; it must not cost the group membership
+                         "max.poll.interval.ms": 600_000})
+    consumer.subscribe([cfg.interactions_topic])
+    skipped, last_commit, uncommitted = 0, time.monotonic(), 0
+    try:
+        while stop is None or not stop.is_set():
+            for msg in consumer.consume(500, 0.5):
+                if msg.error():
+                    continue
+                uncommitted += 1
+                try:
+                    event = decode_interaction(msg.value())
+                except DecodeError:
+                    skipped += 1        # the scorer sends it to the dead-letter topic
+                    continue
+                if event.get("user_id") and event.get("item_id"):
+                    trainer.add(event["user_id"], event["item_id"], int(event["timestamp"]))
+            if trainer.due():
+                trainer.run_round()
+            if uncommitted and time.monotonic() - last_commit > 5:
+                buffer.flush()          # the buffer holds what the committed offsets claim
+                consumer.commit(asynchronous=False)
+                last_commit, uncommitted = time.monotonic(), 0
+    finally:
+        buffer.close()
+        consumer.close()

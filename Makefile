@@ -11,7 +11,7 @@ $(VENV)/.installed: pyproject.toml
 
 .PHONY: run test bench
 run: $(VENV)/.installed
-	$(VENV)/bin/mlsa4rec train --dataset ml-100k --model mlsa4rec-s
+	$(VENV)/bin/mlsa4rec demo
 
 test: $(VENV)/.installed
 	$(VENV)/bin/pytest -q
@@ -19,3 +19,5 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(VENV)/bin/python bench/train_speed.py
 	$(VENV)/bin/python bench/step_speed.py
+	$(VENV)/bin/python bench/stream_throughput.py
+	$(VENV)/bin/python bench/model_updates.py

@@ -1,9 +1,12 @@
 """The `mlsa4rec` command.
 
+    mlsa4rec demo      [--dataset ml-100k]                              the whole system, end to end
     mlsa4rec train     [--dataset ml-100k] [--model mlsa4rec-s] [...]   train, evaluate, save
     mlsa4rec evaluate  CHECKPOINT [--dataset ...]                       test metrics of a checkpoint
     mlsa4rec worker    [--broker 127.0.0.1:9092] [--checkpoint ...]     run a scorer worker
     mlsa4rec trainer   [--broker ...] [--round-every-events 2000]      fine-tune online, publish versions
+    mlsa4rec replay    SOURCE [--speed 60] [--start TIME] [--k-core 5]  replay a log into interactions
+    mlsa4rec evaluate-stream [--out runs/report]                        judge the live recommendations
     mlsa4rec produce   FILE|-  [--broker ...]                           send clicks (JSON lines / CSV)
     mlsa4rec tail      [--broker ...] [--from-beginning]                print recommendations
 
@@ -33,33 +36,26 @@ def _model_overrides(pairs: list[str]) -> dict:
 
 
 def cmd_train(args) -> int:
-    from model.checkpoint import save_checkpoint
-    from model.data.protocol import load_interactions, prepare
     from model.metrics import format_table
-    from model.models import build_model
-    from model.training import describe_run, train
+    from model.training import train_to_checkpoint
 
     cfg = typed_config.build(TrainConfig, args)
-    data = prepare(load_interactions(cfg.dataset))
-    overrides = {"max_len": cfg.max_len, **_model_overrides(args.set or [])}
-    model = build_model(cfg.model, data.n_items, overrides)
-    if cfg.init_from:
-        from model.checkpoint import load_checkpoint
-        start, payload = load_checkpoint(cfg.init_from)
-        if payload["item_ids"] != data.item_ids or payload["model"] != cfg.model:
-            raise SystemExit(f"{cfg.init_from} is a {payload['model']} on other items")
-        model.load_state_dict(start.state_dict())
-    result = train(model, data, cfg)
-    run = describe_run(cfg, result)
-    dataset_name = Path(cfg.dataset).stem
-    path = Path(cfg.checkpoint or f"runs/{dataset_name}-{cfg.model}.pt")
-    sha = save_checkpoint(path, result.model, data.item_ids, run)
-    path.with_suffix(".json").write_text(json.dumps(run, indent=2))
+    try:
+        result, path, sha = train_to_checkpoint(cfg, _model_overrides(args.set or []))
+    except ValueError as exc:
+        raise SystemExit(str(exc))
     print(f"\n{cfg.model} on {cfg.dataset}: best epoch {result.best_epoch} of "
           f"{result.epochs_run}, {result.seconds:.0f}s, "
           f"{result.sequences_per_second:.0f} training sequences/s")
     print(format_table({"valid": result.valid, "test": result.test}))
     print(f"checkpoint {path} sha256 {sha}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from streams.demo import DemoConfig, run_demo
+
+    run_demo(typed_config.build(DemoConfig, args))
     return 0
 
 
@@ -100,6 +96,31 @@ def cmd_trainer(args) -> int:
     return 0
 
 
+def cmd_replay(args) -> int:
+    from streams.replay import ReplayConfig, replay
+
+    cfg = typed_config.build(ReplayConfig, args)
+    sent = replay(args.source, cfg)
+    print(f"replayed {sent} events of {args.source} to {cfg.interactions_topic}", file=sys.stderr)
+    return 0
+
+
+def cmd_evaluate_stream(args) -> int:
+    from streams.config import StreamConfig
+    from streams.evaluation import run_evaluate_stream
+    from streams.report import write_report
+
+    cfg = typed_config.build(StreamConfig, args)
+    result = run_evaluate_stream(cfg.broker, cfg.interactions_topic, cfg.recommendations_topic,
+                                 args.out, idle_timeout_s=args.idle_timeout,
+                                 expect_recommendations=args.expect)
+    offline = json.loads(Path(args.offline).read_text()) if args.offline else None
+    page = write_report(result, args.out, title=args.title, offline=offline)
+    print(json.dumps(result["summary"], indent=2))
+    print(f"report: {page}")
+    return 0
+
+
 def cmd_produce(args) -> int:
     from streams.clients import produce_clicks, read_clicks
     from streams.config import StreamConfig
@@ -125,6 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mlsa4rec", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    from streams.demo import DemoConfig
+    p_demo = sub.add_parser("demo", help="broker + scorer + trainer, replay, live metrics, report")
+    typed_config.add_arguments(p_demo, DemoConfig)
+    p_demo.set_defaults(func=cmd_demo)
     p_train = sub.add_parser("train", help="train and evaluate a model offline")
     typed_config.add_arguments(p_train, TrainConfig)
     p_train.add_argument("--set", action="append", metavar="NAME=VALUE",
@@ -143,6 +168,22 @@ def main(argv: list[str] | None = None) -> int:
     p_trainer = sub.add_parser("trainer", help="fine-tune online from the stream, publish versions")
     typed_config.add_arguments(p_trainer, TrainerConfig)
     p_trainer.set_defaults(func=cmd_trainer)
+    from streams.replay import ReplayConfig
+    p_replay = sub.add_parser("replay", help="replay a historical log into interactions")
+    p_replay.add_argument("source", help="ml-1m, ml-100k, or a .csv / .parquet log")
+    typed_config.add_arguments(p_replay, ReplayConfig)
+    p_replay.set_defaults(func=cmd_replay)
+    p_evs = sub.add_parser("evaluate-stream",
+                           help="judge recommendations by each user's next click; write a report")
+    typed_config.add_arguments(p_evs, StreamConfig)
+    p_evs.add_argument("--out", default="runs/report", help="folder for the report")
+    p_evs.add_argument("--idle-timeout", type=float, default=15.0,
+                       help="stop after this many seconds without a message")
+    p_evs.add_argument("--expect", type=int, default=0,
+                       help="stop once this many recommendations arrived (0 = wait for idle)")
+    p_evs.add_argument("--offline", default="", help="JSON of offline metrics to show beside")
+    p_evs.add_argument("--title", default="mlsa4rec replay report")
+    p_evs.set_defaults(func=cmd_evaluate_stream)
     p_produce = sub.add_parser("produce", help="send clicks to the interactions topic")
     p_produce.add_argument("source", help="JSON-lines file, CSV file, or - for stdin")
     typed_config.add_arguments(p_produce, StreamConfig)

@@ -33,7 +33,9 @@ sys.path.insert(0, str(REPO))
 from bench.stream_throughput import drain  # noqa: E402
 from model.checkpoint import save_checkpoint  # noqa: E402
 from model.models import build_model  # noqa: E402
-from streams.clients import produce_clicks  # noqa: E402
+from confluent_kafka import Producer  # noqa: E402
+from schemas.codec import encode_interaction  # noqa: E402
+from streams.clients import PRODUCER_DEFAULTS, produce_clicks  # noqa: E402
 from streams.model_store import ModelStore  # noqa: E402
 from streams.model_updates import announce, ensure_model_updates_topic, read_announcements  # noqa: E402
 from streams.topics import ensure_topics  # noqa: E402
@@ -77,17 +79,17 @@ def topics(bootstrap, name):
 
 def produce_steadily(bootstrap, topic, events, rate):
     """Send at `rate` events/s, each stamped with its send time (ms); returns the stamps."""
+    producer = Producer({"bootstrap.servers": bootstrap, **PRODUCER_DEFAULTS})
     stamps, begin = [], time.perf_counter()
-    for i in range(0, len(events), max(1, int(rate // 10))):
-        chunk = events[i:i + max(1, int(rate // 10))]
+    for i, click in enumerate(events):
         wait = begin + i / rate - time.perf_counter()
         if wait > 0:
             time.sleep(wait)
-        now = int(time.time() * 1000)
-        for click in chunk:
-            click["timestamp"] = now
-        stamps += [now] * len(chunk)
-        produce_clicks(bootstrap, topic, chunk)
+        click["timestamp"] = int(time.time() * 1000)
+        stamps.append(click["timestamp"])
+        producer.produce(topic, key=click["user_id"].encode(), value=encode_interaction(click))
+        producer.poll(0)
+    producer.flush(30)
     return np.array(stamps)
 
 

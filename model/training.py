@@ -39,6 +39,7 @@ class TrainConfig:
     time_budget_min: float = 0.0  # stop after the epoch that passes this many minutes; 0 = none
     checkpoint: str = ""          # where to save; "" = runs/<dataset>-<model>.pt
     init_from: str = ""           # start from this checkpoint's weights (continue a run)
+    before: str = ""              # train on the log before this time only (seconds or ISO 8601)
     progress: bool = True
 
 
@@ -166,3 +167,32 @@ def describe_run(cfg: TrainConfig, result: TrainResult) -> dict:
             "epochs_run": result.epochs_run, "seconds": round(result.seconds, 1),
             "train_sequences_per_second": round(result.sequences_per_second, 1),
             "valid": result.valid, "test": result.test}
+
+
+def train_to_checkpoint(cfg: TrainConfig, model_overrides: dict | None = None, log=print):
+    """The whole `mlsa4rec train`: load and prepare the data, build (or continue) the model,
+    train, save the checkpoint and its run description; returns (result, path, sha256)."""
+    import json
+    from pathlib import Path
+
+    from model.checkpoint import load_checkpoint, save_checkpoint
+    from model.data.protocol import load_interactions, prepare, until
+    from model.data.userlog import parse_timestamp
+    from model.models import build_model
+
+    inter = load_interactions(cfg.dataset)
+    if cfg.before:
+        inter = until(inter, parse_timestamp(cfg.before))
+    data = prepare(inter)
+    model = build_model(cfg.model, data.n_items, {"max_len": cfg.max_len, **(model_overrides or {})})
+    if cfg.init_from:
+        start, payload = load_checkpoint(cfg.init_from)
+        if payload["item_ids"] != data.item_ids or payload["model"] != cfg.model:
+            raise ValueError(f"{cfg.init_from} is a {payload['model']} on other items")
+        model.load_state_dict(start.state_dict())
+    result = train(model, data, cfg, log=log)
+    run = describe_run(cfg, result)
+    path = Path(cfg.checkpoint or f"runs/{Path(cfg.dataset).stem}-{cfg.model}.pt")
+    sha = save_checkpoint(path, result.model, data.item_ids, run)
+    path.with_suffix(".json").write_text(json.dumps(run, indent=2))
+    return result, path, sha

@@ -50,8 +50,8 @@ class TrainerConfig:
     model_store: str = "runs/models"
     buffer_dir: str = "runs/trainer-buffer"
     round_every_events: int = 2000      # a fine-tuning round after this many new events ...
-    round_every_s: float = 30.0         # ... or this many seconds with at least one
-    steps: int = 50                     # optimiser steps per round
+    round_every_s: float = 10.0         # ... or this many seconds with at least one
+    steps: int = 20                     # optimiser steps per round (~10 s on one CPU core)
     batch_size: int = 64
     lr: float = 1e-4
     users_per_round: int = 512          # sequences drawn from the buffer per round

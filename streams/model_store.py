@@ -21,8 +21,8 @@ class ModelStore:
         self.root.mkdir(parents=True, exist_ok=True)
 
     def publish(self, model, item_ids: list[str], metrics: dict, parent: str | None,
-                trained_through: int | None = None) -> dict:
-        version = new_version()
+                trained_through: int | None = None, version: str | None = None) -> dict:
+        version = version or new_version()
         path = self.root / f"{version}.pt"
         sha = save_checkpoint(path, model, item_ids, metrics, version=version,
                               extra={"parent": parent})

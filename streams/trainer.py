@@ -164,9 +164,10 @@ def run_trainer(cfg: TrainerConfig, stop=None) -> None:
             log.error("announced version %s unusable: %s", announcement.get("version"), exc)
     if model is None:                   # first start: the checkpoint becomes the first version
         model, payload = load_checkpoint(cfg.checkpoint, device=device)
-        first = store.publish(model, payload["item_ids"], payload["metrics"], parent=None)
+        # Same version id: scorers started from this checkpoint have nothing to swap.
+        first = store.publish(model, payload["item_ids"], payload["metrics"], parent=None,
+                              version=payload["version"])
         announce(cfg.broker, cfg.model_updates_topic, first)
-        payload["version"] = first["version"]
         log.info("announced the checkpoint %s as version %s", cfg.checkpoint, first["version"])
 
     def publish(candidate, item_ids, metrics, parent, trained_through):

@@ -12,18 +12,12 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
-import tempfile
-import time
-from pathlib import Path
 from typing import Iterator, Mapping
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-BROKER_SH = REPO / "infra" / "kafka" / "broker.sh"
-KAFKA_VERSION = os.environ.get("KAFKA_VERSION", "4.1.1")
+from streams.local_broker import KAFKA_VERSION, free_ports, local_kafka
 
 
 def docker_available(timeout: float = 5.0) -> bool:
@@ -35,20 +29,6 @@ def docker_available(timeout: float = 5.0) -> bool:
     except (subprocess.TimeoutExpired, OSError):
         return False
     return done.returncode == 0
-
-
-def free_ports(n: int) -> list[int]:
-    # Hold all sockets open until every port is picked, so the n ports differ.
-    socks = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 @contextlib.contextmanager
@@ -85,34 +65,6 @@ def _docker_kafka() -> Iterator[str]:
 
 
 @contextlib.contextmanager
-def _local_kafka() -> Iterator[str]:
-    port, cport = free_ports(2)
-    data = tempfile.mkdtemp(prefix="mlsa4rec-kafka-")
-    env = dict(
-        os.environ,
-        KAFKA_VERSION=KAFKA_VERSION,
-        KAFKA_PORT=str(port),
-        KAFKA_CONTROLLER_PORT=str(cport),
-        KAFKA_DATA_DIR=data,
-    )
-    t0 = time.monotonic()
-    done = subprocess.run(
-        ["bash", str(BROKER_SH), "start"], env=env, capture_output=True, text=True, timeout=300
-    )
-    if done.returncode != 0:
-        subprocess.run(["bash", str(BROKER_SH), "stop"], env=env, capture_output=True, timeout=60)
-        raise RuntimeError(f"broker.sh start failed:\n{done.stdout}\n{done.stderr}")
-    # Visible with pytest -s; the start-up time is worth knowing on slow CI.
-    print(f"[kafka_broker] local kafka {KAFKA_VERSION} on 127.0.0.1:{port} "
-          f"ready in {time.monotonic() - t0:.1f}s (data {data})")
-    try:
-        yield done.stdout.strip().splitlines()[-1]
-    finally:
-        subprocess.run(["bash", str(BROKER_SH), "stop"], env=env, capture_output=True, timeout=60)
-        shutil.rmtree(data, ignore_errors=True)
-
-
-@contextlib.contextmanager
 def kafka_bootstrap() -> Iterator[str]:
     """Yield a bootstrap address ("host:port") of a running broker."""
     external = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
@@ -122,7 +74,7 @@ def kafka_bootstrap() -> Iterator[str]:
         with _docker_kafka() as bootstrap:
             yield bootstrap
     else:
-        with _local_kafka() as bootstrap:
+        with local_kafka() as bootstrap:
             yield bootstrap
 
 

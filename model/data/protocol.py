@@ -57,7 +57,13 @@ def load_interactions(source: str, cache_dir: str | os.PathLike | None = None) -
     raise ValueError(f"unknown source {source!r}: use {sorted(DATASETS)} or a .csv/.parquet path")
 
 
-def _codes(values: np.ndarray) -> tuple[np.ndarray, list]:
+def until(inter: Interactions, before: float) -> Interactions:
+    """The events strictly before `before` (seconds), in file order."""
+    keep = np.asarray(inter.timestamps, dtype=np.float64) < before
+    return Interactions(inter.users[keep], inter.items[keep], inter.timestamps[keep])
+
+
+def first_use_codes(values: np.ndarray) -> tuple[np.ndarray, list]:
     """Integer codes in order of first appearance (a dict is much faster than
     sorting 1M Python strings)."""
     table: dict = {}
@@ -90,8 +96,8 @@ def k_core_mask(users: np.ndarray, items: np.ndarray, min_user: int, min_item: i
 
 
 def prepare(inter: Interactions, min_user_inter: int = 5, min_item_inter: int = 5) -> SequenceData:
-    user_codes, user_raw = _codes(inter.users)
-    item_codes, item_raw = _codes(inter.items)
+    user_codes, user_raw = first_use_codes(inter.users)
+    item_codes, item_raw = first_use_codes(inter.items)
     keep = k_core_mask(user_codes, item_codes, min_user_inter, min_item_inter)
     u, i = user_codes[keep], item_codes[keep]
     ts = np.asarray(inter.timestamps, dtype=np.float64)[keep]

@@ -1,0 +1,60 @@
+"""Next-item ranks of a causal model over whole histories (test-then-train, offline).
+
+What a streaming scorer does, computed offline with the parallel forward: after each event t
+of a user the model ranks all items, and the user's event t+1 is judged against that ranking.
+A causal model's forward at position t equals `step` after t+1 items (tests/test_models.py),
+so these ranks are what the stream must reproduce (tests/test_stream_evaluation.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from model.models.base import OOV
+
+
+@torch.no_grad()
+def next_item_ranks(model, sequences: list[np.ndarray], batch_size: int = 32,
+                    device="cpu") -> list[np.ndarray]:
+    """ranks[u][t] = 1-based rank of sequences[u][t+1] after sequences[u][:t+1]; 0 when that
+    item is unknown to the model (OOV, -1), which no ranking can contain."""
+    if not model.causal:
+        raise ValueError(f"{model.name} is not causal: its ranks depend on the window")
+    model.eval()
+    weight = model.item_embedding.weight
+    out: list[np.ndarray | None] = [None] * len(sequences)
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        longest = max(len(sequences[i]) for i in rows)
+        inputs = torch.zeros(len(rows), max(longest, 1), dtype=torch.long)
+        for r, i in enumerate(rows):
+            inputs[r, :len(sequences[i])] = torch.as_tensor(sequences[i])
+        hidden = model.sequence_output(inputs.to(device))
+        for r, i in enumerate(rows):
+            seq = torch.as_tensor(sequences[i], device=device)
+            if len(seq) < 2:
+                out[i] = np.zeros(0, dtype=np.int64)
+                continue
+            scores = hidden[r, :len(seq) - 1] @ weight.t()
+            scores[:, 0] = -torch.inf
+            targets = seq[1:]
+            known = targets != OOV
+            target_scores = scores.gather(1, targets.clamp(min=0).view(-1, 1))
+            ranks = (scores > target_scores).sum(1) + 1
+            out[i] = torch.where(known, ranks, torch.zeros_like(ranks)).cpu().numpy()
+    return out
+
+
+def metrics_at(ranks: np.ndarray, cutoffs=(5, 10, 20)) -> dict[str, float]:
+    """HR / NDCG / MRR from 1-based ranks (0 = miss)."""
+    ranks = np.asarray(ranks, dtype=np.float64)
+    out = {}
+    for k in cutoffs:
+        hit = (ranks >= 1) & (ranks <= k)
+        safe = np.where(hit, ranks, 1.0)
+        out[f"hr@{k}"] = float(hit.mean()) if len(ranks) else 0.0
+        out[f"ndcg@{k}"] = float((hit / np.log2(safe + 1)).mean()) if len(ranks) else 0.0
+        out[f"mrr@{k}"] = float((hit / safe).mean()) if len(ranks) else 0.0
+    return out

@@ -30,6 +30,7 @@ class DemoConfig:
     dataset: str = "ml-100k"
     model: str = "mlsa4rec-s"
     cutoff: float = 0.8               # replay the last 20% of the log's events
+    replay_seconds: float = 120.0     # ... time-scaled to last about this long (0 = flat out)
     train_minutes: float = 3.0        # offline warm start budget (first run only)
     fine_tune: bool = True            # run the online trainer
     round_every_s: float = 20.0
@@ -103,8 +104,10 @@ def run_demo(cfg: DemoConfig) -> dict:
         try:
             print(f"== 3. replaying {len(replayed.rows)} events of {cfg.dataset} from the cut-off",
                   flush=True)
+            span = float(replayed.timestamps[-1] - replayed.timestamps[0])
+            speed = span / cfg.replay_seconds if cfg.replay_seconds else 0.0
             sender = threading.Thread(target=replay, args=(cfg.dataset, ReplayConfig(
-                broker=broker, start=str(cutoff), progress=False,
+                broker=broker, start=str(cutoff), progress=False, speed=speed,
                 progress_file=str(out / f"replay-{run_id}.json"))))
             sender.start()
             result = run_evaluate_stream(
@@ -121,6 +124,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                 except subprocess.TimeoutExpired:
                     process.kill()
     page = write_report(result, out / "report", offline=offline,
+                        offline_label="offline: starting model, no fine-tuning",
                         title=f"{cfg.model} on {cfg.dataset}: replay of the last "
                               f"{1 - cfg.cutoff:.0%} of the log"
                               + (", fine-tuning on" if cfg.fine_tune else ""))

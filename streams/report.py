@@ -91,7 +91,7 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 
 
 def write_report(evaluation: dict, out_dir: str | Path, title: str = "Replay report",
-                 offline: dict | None = None) -> Path:
+                 offline: dict | None = None, offline_label: str = "offline, same model") -> Path:
     """index.html + the PNGs in out_dir; returns the HTML path."""
     out = Path(out_dir)
     summary, series = evaluation["summary"], evaluation["series"]
@@ -99,7 +99,7 @@ def write_report(evaluation: dict, out_dir: str | Path, title: str = "Replay rep
     metric_names = ["hr@5", "hr@10", "ndcg@5", "ndcg@10", "mrr@10"]
     rows = [["stream (prequential)"] + [f"{summary['metrics'][m]:.4f}" for m in metric_names]]
     if offline:
-        rows.append(["offline, same model"] + [f"{offline[m]:.4f}" if m in offline else "-"
+        rows.append([offline_label] + [f"{offline[m]:.4f}" if m in offline else "-"
                                                for m in metric_names])
     versions = sorted(series["versions"].items(), key=lambda kv: kv[1])
     version_rows = [[f"v{n + 1}", v,

@@ -71,7 +71,9 @@ def cmd_evaluate(args) -> int:
     data = prepare(load_interactions(dataset))
     if data.item_ids != payload["item_ids"]:
         raise SystemExit(f"{args.checkpoint} was trained on another item set than {dataset}")
-    max_len = payload["config"].get("max_len", 50)
+    max_len = 0 if args.whole_history else payload["config"].get("max_len", 50)
+    if args.whole_history and not model.causal:
+        raise SystemExit(f"--whole-history needs a causal model, {payload['model']} is not")
     _, valid, test = split_leave_one_out(data)
     rows = {"valid": evaluate(model, valid, max_len, device),
             "test": evaluate(model, test, max_len, device)}
@@ -159,6 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     p_eval.add_argument("checkpoint")
     p_eval.add_argument("--dataset", default=None)
     p_eval.add_argument("--device", default="auto")
+    p_eval.add_argument("--whole-history", action="store_true",
+                        help="rank with each user's whole history, as the stream does "
+                             "(causal models), instead of the last max_len items")
     p_eval.set_defaults(func=cmd_evaluate)
     from streams.config import StreamConfig
     p_worker = sub.add_parser("worker", help="run a scorer worker (Faust)")

@@ -7,6 +7,8 @@ Samples:
 - the paper MLSA4Rec (not causal): RecBole's prefix windows, one sample per training target,
   the input being the last max_len items before it, the loss at its last position.
 Evaluation: the last max_len items of the history, full ranking over all items.
+With `whole_sequences` a causal model instead trains on each user's whole sequence (one pass
+per user) and is evaluated on the whole history: what it sees in the stream.
 """
 
 from __future__ import annotations
@@ -40,6 +42,10 @@ class TrainConfig:
     checkpoint: str = ""          # where to save; "" = runs/<dataset>-<model>.pt
     init_from: str = ""           # start from this checkpoint's weights (continue a run)
     before: str = ""              # train on the log before this time only (seconds or ISO 8601)
+    # Causal models: train on each user's whole sequence and evaluate on the whole history,
+    # as the stream sees it, instead of windows of max_len; batches hold ~tokens_per_batch items.
+    whole_sequences: bool = False
+    tokens_per_batch: int = 3200
     progress: bool = True
 
 
@@ -80,19 +86,54 @@ def prefix_windows(train: list[np.ndarray], max_len: int):
     return pad_right(inputs, max_len), lengths, np.array(targets, dtype=np.int64)
 
 
+def length_batches(lengths: list[int], tokens: int) -> list[np.ndarray]:
+    """Indices grouped by similar length so that a padded batch holds at most ~tokens items
+    (a sequence longer than that is a batch of its own)."""
+    order = np.argsort(lengths, kind="stable")
+    batches, current = [], []
+    for i in order:
+        if current and lengths[i] * (len(current) + 1) > tokens:
+            batches.append(np.array(current))
+            current = []
+        current.append(i)
+    if current:
+        batches.append(np.array(current))
+    return batches
+
+
+def whole_sequence_batches(train: list[np.ndarray], tokens: int):
+    """(inputs, lengths, targets) tensors per batch: each user's sequence in one piece."""
+    pairs = [(seq[:-1], seq[1:]) for seq in train if len(seq) >= 2]
+    out = []
+    for idx in length_batches([len(p[0]) for p in pairs], tokens):
+        longest = max(len(pairs[i][0]) for i in idx)
+        inputs = pad_right([pairs[i][0] for i in idx], longest)
+        targets = pad_right([pairs[i][1] for i in idx], longest)
+        out.append((torch.from_numpy(inputs), torch.from_numpy((inputs > 0).sum(1)),
+                    torch.from_numpy(targets)))
+    return out
+
+
 @torch.no_grad()
-def evaluate(model, split: EvalSplit, max_len: int, device, batch_size: int = 512) -> dict:
+def evaluate(model, split: EvalSplit, max_len: int, device, batch_size: int = 512,
+             tokens_per_batch: int = 25600) -> dict:
+    """max_len = 0: the whole history (a causal model's view in the stream)."""
     model.eval()
-    histories = [seq[-max_len:] for seq in split.inputs]
-    inputs = torch.from_numpy(pad_right(histories, max_len))
-    lengths = torch.tensor([len(h) for h in histories])
+    histories = [seq[-max_len:] if max_len else seq for seq in split.inputs]
+    if max_len:
+        batches = [np.arange(s, min(s + batch_size, len(histories)))
+                   for s in range(0, len(histories), batch_size)]
+    else:
+        batches = length_batches([len(h) for h in histories], tokens_per_batch)
     targets = torch.from_numpy(split.targets)
-    ranks = []
-    for start in range(0, len(targets), batch_size):
-        sl = slice(start, start + batch_size)
-        scores = model.full_sort_scores(inputs[sl].to(device), lengths[sl].to(device))
-        ranks.append(target_ranks(scores, targets[sl].to(device)).cpu())
-    return metrics_from_ranks(torch.cat(ranks))
+    ranks = torch.zeros(len(histories), dtype=torch.long)
+    for idx in batches:
+        chunk = [histories[i] for i in idx]
+        inputs = torch.from_numpy(pad_right(chunk, max_len or max(len(h) for h in chunk)))
+        lengths = torch.tensor([len(h) for h in chunk])
+        scores = model.full_sort_scores(inputs.to(device), lengths.to(device))
+        ranks[torch.from_numpy(idx)] = target_ranks(scores, targets[idx].to(device)).cpu()
+    return metrics_from_ranks(ranks)
 
 
 @dataclass
@@ -115,34 +156,47 @@ def train(model, data: SequenceData, cfg: TrainConfig, log=print) -> TrainResult
     device = pick_device(cfg.device)
     model.to(device)
     train_seqs, valid, test = split_leave_one_out(data)
-    if model.causal:
-        inputs, targets = causal_windows(train_seqs, cfg.max_len)
-        lengths = (inputs > 0).sum(1)
+    whole = cfg.whole_sequences and model.causal
+    eval_len = 0 if whole else cfg.max_len
+    if whole:
+        fixed = whole_sequence_batches(train_seqs, cfg.tokens_per_batch)
+        n_samples = sum(len(b[0]) for b in fixed)
     else:
-        inputs, lengths, targets = prefix_windows(train_seqs, cfg.max_len)
-    inputs, lengths, targets = map(torch.from_numpy, (inputs, lengths, targets))
+        if model.causal:
+            inputs, targets = causal_windows(train_seqs, cfg.max_len)
+            lengths = (inputs > 0).sum(1)
+        else:
+            inputs, lengths, targets = prefix_windows(train_seqs, cfg.max_len)
+        inputs, lengths, targets = map(torch.from_numpy, (inputs, lengths, targets))
+        n_samples = len(inputs)
+
+    def epoch_batches():
+        if whole:
+            return [fixed[i] for i in rng.permutation(len(fixed))]
+        order = torch.from_numpy(rng.permutation(len(inputs)))
+        return [(inputs[idx], lengths[idx], targets[idx])
+                for idx in (order[s:s + cfg.batch_size] for s in range(0, len(order), cfg.batch_size))]
+
     log(f"{model.name} on {cfg.dataset}: {data.n_users} users, {data.n_items - 1} items, "
-        f"{len(inputs)} training sequences, device {device}")
+        f"{n_samples} training sequences{' (whole)' if whole else ''}, device {device}")
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     best_score, best_epoch, best_state, waited = -1.0, -1, None, 0
     history, started, train_seconds, seen = [], time.time(), 0.0, 0
     for epoch in range(cfg.epochs):
         model.train()
-        order = torch.from_numpy(rng.permutation(len(inputs)))
-        batches = range(0, len(order), cfg.batch_size)
         total, epoch_start = 0.0, time.time()
-        for start in tqdm(batches, desc=f"epoch {epoch}", disable=not cfg.progress, leave=False):
-            idx = order[start:start + cfg.batch_size]
-            loss = model.loss(inputs[idx].to(device), lengths[idx].to(device), targets[idx].to(device))
+        for batch in tqdm(epoch_batches(), desc=f"epoch {epoch}", disable=not cfg.progress,
+                          leave=False):
+            loss = model.loss(*(t.to(device) for t in batch))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += loss.item() * len(idx)
+            total += loss.item() * len(batch[0])
         train_seconds += time.time() - epoch_start
-        seen += len(inputs)
-        scores = evaluate(model, valid, cfg.max_len, device, cfg.eval_batch_size)
-        history.append({"epoch": epoch, "loss": total / len(inputs), **scores})
-        log(f"epoch {epoch}: loss {total / len(inputs):.4f} valid ndcg@10 {scores['ndcg@10']:.4f} "
+        seen += n_samples
+        scores = evaluate(model, valid, eval_len, device, cfg.eval_batch_size)
+        history.append({"epoch": epoch, "loss": total / n_samples, **scores})
+        log(f"epoch {epoch}: loss {total / n_samples:.4f} valid ndcg@10 {scores['ndcg@10']:.4f} "
             f"hr@10 {scores['hr@10']:.4f} ({time.time() - epoch_start:.0f}s)")
         if scores["ndcg@10"] >= best_score:       # RecBole counts a tie as an improvement
             best_score, best_epoch, waited = scores["ndcg@10"], epoch, 0
@@ -156,8 +210,8 @@ def train(model, data: SequenceData, cfg: TrainConfig, log=print) -> TrainResult
             log(f"time budget of {cfg.time_budget_min} min spent: stopping after epoch {epoch}")
             break
     model.load_state_dict(best_state)
-    valid_metrics = evaluate(model, valid, cfg.max_len, device, cfg.eval_batch_size)
-    test_metrics = evaluate(model, test, cfg.max_len, device, cfg.eval_batch_size)
+    valid_metrics = evaluate(model, valid, eval_len, device, cfg.eval_batch_size)
+    test_metrics = evaluate(model, test, eval_len, device, cfg.eval_batch_size)
     return TrainResult(model, valid_metrics, test_metrics, best_epoch, len(history),
                        time.time() - started, seen / max(train_seconds, 1e-9), history)
 

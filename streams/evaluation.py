@@ -43,6 +43,9 @@ class StreamEvaluator:
     _seen_events: set = field(default_factory=set)
     _seen_recs: set = field(default_factory=set)
     _versions_first_seen: dict = field(default_factory=dict)
+    _user_of: dict = field(default_factory=dict)            # event id -> (user, its n-th click)
+    _clicks_of: dict = field(default_factory=dict)          # user -> clicks so far
+    last_judged_of: dict = field(default_factory=dict)      # user -> (n, Judged) of its latest
 
     def on_interaction(self, user: str, item: str, event_id: str, sent_ms: int) -> None:
         if event_id in self._seen_events:
@@ -53,6 +56,8 @@ class StreamEvaluator:
         previous = self._last_event_of.get(user)
         self._last_event_of[user] = event_id
         self._sent_at[event_id] = sent_ms
+        self._clicks_of[user] = self._clicks_of.get(user, 0) + 1
+        self._user_of[event_id] = (user, self._clicks_of[user])
         if previous is not None:
             self._next_item[previous] = item
             self._judge(previous)
@@ -76,7 +81,11 @@ class StreamEvaluator:
         items, version, produced_at = self._recommended.pop(event_id)
         target = self._next_item.pop(event_id)
         rank = items.index(target) + 1 if target in items else 0
-        self.judged.append(Judged(produced_at, rank, version))
+        judged = Judged(produced_at, rank, version)
+        self.judged.append(judged)
+        user, n = self._user_of.pop(event_id)
+        if n > self.last_judged_of.get(user, (0, None))[0]:     # judgments may finish out of order
+            self.last_judged_of[user] = (n, judged)
         sent = self._sent_at.pop(event_id, None)
         if sent is not None:
             self.latencies_ms.append(produced_at - sent)
@@ -103,6 +112,10 @@ class StreamEvaluator:
             "interactions": self.interactions, "recommendations": self.recommendations,
             "judged": len(self.judged), "duplicates_ignored": self.duplicates,
             "metrics": self.metrics(),
+            # Each user's last judged recommendation: made after the second-to-last click and
+            # judged by the last one, i.e. leave-one-out's test case when the whole log is replayed.
+            "last_per_user": {"users": len(self.last_judged_of),
+                              **self.metrics([j for _, j in self.last_judged_of.values()])},
             "by_version": {v: {"judged": len(js), **self.metrics(js)} for v, js in by_version.items()},
             "latency_ms": {f"p{q}": float(np.percentile(latencies, q)) for q in (50, 90, 99)}
             | {"max": float(latencies.max())} if len(latencies) else {},

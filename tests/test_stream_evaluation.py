@@ -45,6 +45,7 @@ def test_each_recommendation_is_judged_by_the_users_next_click_in_any_arrival_or
     assert summary["metrics"]["ndcg@10"] == pytest.approx(0.5 / np.log2(3))
     assert sorted(ev.latencies_ms) == [50, 50, 100]
     assert set(summary["by_version"]) == {"v1"}
+    assert summary["last_per_user"]["users"] == 2 and summary["last_per_user"]["hr@10"] == 0.5
 
 
 def write_log(path, n_users=6, per_user=9, seed=3):

@@ -63,8 +63,12 @@ class Job:
 
 class ScoringAgent:
     def __init__(self, cfg, scorer, recommendations, dead_letters, table,
-                 recovery=None):
+                 recovery=None, metrics=None, highwater=None):
+        """metrics: streams.metrics.WorkerMetrics or None; highwater(tp) -> the partition's
+        end offset (for the lag gauge)."""
         self.cfg, self.scorer, self.table, self.recovery = cfg, scorer, table, recovery
+        self.metrics, self.highwater = metrics, highwater
+        self.started = False
         self.recommendations, self.dead_letters = recommendations, dead_letters
         # One model thread: batches are scored in the order they came, off the event loop.
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="model")
@@ -78,6 +82,7 @@ class ScoringAgent:
     async def run(self, stream) -> None:
         jobs: asyncio.Queue[Job] = asyncio.Queue(max(1, self.cfg.pipeline_depth))
         finisher = asyncio.ensure_future(self.finish_jobs(stream, jobs))
+        self.started = True
         try:
             async for batch in stream.take_events(self.cfg.batch_max,
                                                   within=self.cfg.batch_wait_ms / 1000):
@@ -128,6 +133,9 @@ class ScoringAgent:
             previous = self.scorer.version
             self.scorer.swap(*next_model)
             log.info("serving model version %s (was %s)", self.scorer.version, previous)
+            if self.metrics:
+                self.metrics.model_swaps.inc()
+                self.metrics.serving(self.scorer.version, previous)
         if not events:
             return Scored({}, {}, [], BatchStats())
         updated, recs, stats = self.scorer.process(events, self.unwritten.overlay(records))
@@ -154,7 +162,27 @@ class ScoringAgent:
             await stream.ack(message_event)
         for name in ("events", "applied", "duplicates", "unknown_items"):
             self.counts[name] += getattr(scored.stats, name)
+        if self.metrics:
+            self.observe(job, scored.stats)
         self.report()
+
+    def observe(self, job: Job, stats: BatchStats) -> None:
+        m, now = self.metrics, time.time()
+        m.events.labels("applied").inc(stats.applied)
+        m.events.labels("duplicate").inc(stats.duplicates)
+        m.unknown_items.inc(stats.unknown_items)
+        m.batch_size.observe(len(job.message_events))
+        m.step_seconds.observe(stats.seconds)
+        last_offset = {}
+        for message_event in job.message_events:
+            message = message_event.message
+            m.end_to_end_seconds.observe(max(0.0, now - message.timestamp))
+            last_offset[message.tp] = max(last_offset.get(message.tp, -1), message.offset)
+        if self.highwater is not None:
+            for tp, offset in last_offset.items():
+                end = self.highwater(tp)
+                if end is not None:
+                    m.consumer_lag.labels(str(tp.partition)).set(max(0, end - offset - 1))
 
     def report(self) -> None:
         if time.monotonic() - self.last_report >= self.cfg.report_every_s:
@@ -171,3 +199,5 @@ class ScoringAgent:
                                               headers=headers)
         await future
         self.counts["dead_letters"] += 1
+        if self.metrics:
+            self.metrics.events.labels("dead_letter").inc()

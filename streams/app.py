@@ -16,6 +16,7 @@ from model.checkpoint import load_checkpoint
 from model.training import pick_device
 from streams.agents import ScoringAgent
 from streams.config import StreamConfig
+from streams.metrics import MetricsServer, WorkerMetrics
 from streams.model_store import ModelStore
 from streams.model_updates import ModelWatcher, ensure_model_updates_topic
 from streams.scoring import Scorer
@@ -37,7 +38,7 @@ def build_scorer(cfg: StreamConfig) -> Scorer:
                   state_dtype=STATE_DTYPES[cfg.state_dtype], rebuild_states=cfg.rebuild_states)
 
 
-def create_app(cfg: StreamConfig, scorer: Scorer):
+def create_app(cfg: StreamConfig, scorer: Scorer, metrics: WorkerMetrics | None = None):
     app = faust.App(
         cfg.app_id,
         broker=f"kafka://{cfg.broker}",
@@ -61,7 +62,8 @@ def create_app(cfg: StreamConfig, scorer: Scorer):
         recommendations=raw_topic(app, cfg.recommendations_topic, cfg.partitions),
         dead_letters=raw_topic(app, cfg.dead_letter_topic, cfg.partitions),
         table=user_state_table(app, cfg.partitions),
-        recovery=app.tables.recovery)
+        recovery=app.tables.recovery, metrics=metrics,
+        highwater=lambda tp: app.consumer.highwater(tp))
 
     @app.agent(interactions, name="score")
     async def score(stream):
@@ -74,14 +76,21 @@ def run_worker(cfg: StreamConfig) -> None:
     logging.basicConfig(level=cfg.log_level.upper())
     ensure_topics(cfg.broker, topic_partitions(cfg), cfg.replication)
     scorer = build_scorer(cfg)
-    app, agent = create_app(cfg, scorer)
+    metrics = WorkerMetrics(cfg.data_dir)
+    metrics.serving(scorer.version)
+    app, agent = create_app(cfg, scorer, metrics)
+    if cfg.metrics_port:
+        MetricsServer(cfg.metrics_port, metrics.registry, health=lambda: (
+            agent.started and app.tables.recovery.completed.is_set(),
+            {"model_version": agent.scorer.version, **agent.counts})).start()
     if cfg.follow_model_updates:
         ensure_model_updates_topic(cfg.broker, cfg.model_updates_topic, cfg.replication)
         watcher = ModelWatcher(
             cfg.broker, cfg.model_updates_topic, ModelStore(cfg.model_store),
             on_model=lambda model, payload, _: agent.serve_next(
                 model, payload["item_ids"], payload["version"]),
-            current_version=scorer.version, device=scorer.device)
+            current_version=scorer.version, device=scorer.device,
+            on_refused=lambda version, reason: metrics.model_refused.inc())
         watcher.start()
     worker = faust.Worker(app, loglevel=cfg.log_level.upper(), quiet=True)
     # Faust's progress spinner sets the root logger to DEBUG whatever the log level, and

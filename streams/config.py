@@ -30,7 +30,7 @@ class StreamConfig:
     device: str = "auto"
     threads: int = 0                    # torch CPU threads for the model; 0 = torch default
     data_dir: str = "runs/worker"       # RocksDB tables live here; one folder per worker
-    web_port: int = 6066
+    metrics_port: int = 9108            # Prometheus /metrics and /health; 0 = off
     # How soon the group notices a dead worker and hands its partitions on (broker minimum: 6 s).
     session_timeout_s: float = 10.0
     log_level: str = "info"
@@ -66,3 +66,4 @@ class TrainerConfig:
     threads: int = 0
     seed: int = 0
     log_level: str = "info"
+    metrics_port: int = 9109            # Prometheus /metrics and /health; 0 = off

@@ -66,12 +66,13 @@ class ModelWatcher(threading.Thread):
     that loads and checks, in this thread."""
 
     def __init__(self, bootstrap: str, topic: str, store: ModelStore, on_model,
-                 current_version: str, device="cpu"):
+                 current_version: str, device="cpu", on_refused=None):
         super().__init__(name="model-watcher", daemon=True)
         self.bootstrap, self.topic, self.store = bootstrap, topic, store
         self.on_model, self.current, self.device = on_model, current_version, device
         self.stopping = threading.Event()
         self.refused: list[str] = []
+        self.on_refused = on_refused or (lambda version, reason: None)
 
     def run(self) -> None:
         consumer = _consumer(self.bootstrap)
@@ -111,6 +112,7 @@ class ModelWatcher(threading.Thread):
             model, payload = self.store.load(announcement, self.device)
         except (ValueError, OSError, KeyError) as exc:
             self.refused.append(version)
+            self.on_refused(version, str(exc))
             log.error("refused model version %s: %s; version %s keeps serving",
                       version, exc, self.current)
             return

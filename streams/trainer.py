@@ -143,6 +143,7 @@ def run_trainer(cfg: TrainerConfig, stop=None) -> None:
     from model.checkpoint import load_checkpoint
     from model.training import pick_device
     from schemas.codec import DecodeError, decode_interaction
+    from streams.metrics import MetricsServer, TrainerMetrics
     from streams.model_store import ModelStore
     from streams.model_updates import announce, ensure_model_updates_topic, read_announcements
     from streams.topics import ensure_topics
@@ -178,6 +179,13 @@ def run_trainer(cfg: TrainerConfig, stop=None) -> None:
     buffer = ReplayBuffer(cfg.buffer_dir, buffer_config(cfg), cfg.seed)
     trainer = OnlineTrainer(model, payload["item_ids"], payload["version"], buffer, cfg, publish,
                             device)
+    metrics = TrainerMetrics()
+    metrics.model_version.labels(trainer.version).set(1)
+    server = None
+    if cfg.metrics_port:
+        server = MetricsServer(cfg.metrics_port, metrics.registry, health=lambda: (
+            True, {"model_version": trainer.version,
+                   "events_since_round": trainer.events_since_round})).start()
     consumer = Consumer({"bootstrap.servers": cfg.broker, "group.id": cfg.group_id,
                          "auto.offset.reset": "earliest", "enable.auto.commit": False,
                          # a round blocks polling; it must not cost the group membership
@@ -197,8 +205,18 @@ def run_trainer(cfg: TrainerConfig, stop=None) -> None:
                     continue
                 if event.get("user_id") and event.get("item_id"):
                     trainer.add(event["user_id"], event["item_id"], int(event["timestamp"]))
+                    metrics.events.inc()
             if trainer.due():
-                trainer.run_round()
+                previous = trainer.version
+                result = trainer.run_round()
+                metrics.rounds.labels("published" if result.published else "refused").inc()
+                metrics.round_seconds.observe(result.seconds)
+                for name, values in (("candidate", result.candidate), ("serving", result.serving)):
+                    if values:
+                        metrics.holdout_ndcg.labels(name).set(values["ndcg@10"])
+                if result.published:
+                    metrics.model_version.remove(previous)
+                    metrics.model_version.labels(trainer.version).set(1)
             if uncommitted and time.monotonic() - last_commit > 5:
                 buffer.flush()          # the buffer holds what the committed offsets claim
                 consumer.commit(asynchronous=False)
@@ -206,3 +224,5 @@ def run_trainer(cfg: TrainerConfig, stop=None) -> None:
     finally:
         buffer.close()
         consumer.close()
+        if server is not None:
+            server.stop()

@@ -5,12 +5,14 @@ The worker runs as a separate process (`mlsa4rec worker`), exactly as users run 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from model.checkpoint import save_checkpoint
 from model.models import build_model
 from schemas.codec import encode_interaction
 from streams.clients import PRODUCER_DEFAULTS, produce_clicks, tail_recommendations
+from streams.local_broker import free_ports
 from streams.topics import ensure_topics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,6 +70,7 @@ class Worker:
     """`mlsa4rec worker` in a subprocess with its own topics, group and RocksDB folder."""
 
     def __init__(self, bootstrap, checkpoint, tmp_path, name):
+        (self.metrics_port,) = free_ports(1)
         self.env = dict(os.environ, PYTHONPATH=str(REPO), MLSA4REC_THREADS="1")
         self.args = [sys.executable, "-m", "cli", "worker", "--broker", bootstrap,
                      "--checkpoint", str(checkpoint), "--app-id", f"scorer-{name}",
@@ -75,6 +79,7 @@ class Worker:
                      "--dead-letter-topic", f"dead-letters-{name}",
                      "--partitions", str(PARTITIONS), "--data-dir", str(tmp_path / "worker"),
                      "--model-updates-topic", f"model-updates-{name}",
+                     "--metrics-port", str(self.metrics_port),
                      "--model-store", str(tmp_path / "models"),
                      "--batch-max", "16", "--batch-wait-ms", "20", "--log-level", os.environ.get("TEST_WORKER_LOG_LEVEL", "warning"),
                      "--report-every-s", "0"]
@@ -152,8 +157,30 @@ def test_recommendations_equal_the_offline_model_and_bad_input_goes_to_dead_lett
         reasons = sorted(dict(m.headers())["error"].decode() for m in dead)
         assert len(dead) == 2 and any("user_id" in r for r in reasons), reasons
         assert {m.value() for m in dead} >= {b"\x00\x00\x00\x00\x01garbage"}
+        health = json.loads(http_get(worker.metrics_port, "/health"))
+        assert health["status"] == "ok" and health["model_version"] == "test-v1"
+        metrics = http_get(worker.metrics_port, "/metrics")
+        assert metric(metrics, 'mlsa4rec_events_total{outcome="dead_letter"}') == 2
+        assert metric(metrics, 'mlsa4rec_events_total{outcome="applied"}') == len(good)
+        assert metric(metrics, "mlsa4rec_unknown_items_total") == 1
+        assert metric(metrics, 'mlsa4rec_model_version{version="test-v1"}') == 1
+        assert metric(metrics, "mlsa4rec_end_to_end_seconds_count") == len(good) + 2
+        assert metric(metrics, "mlsa4rec_state_store_bytes") > 0
     finally:
         worker.stop()
+
+
+def http_get(port: int, path: str) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as response:
+        return response.read().decode()
+
+
+def metric(text: str, name: str) -> float:
+    """The value of one sample line of a Prometheus text page."""
+    for line in text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in /metrics")
 
 
 def read_all(bootstrap, topic, count, timeout=60.0):

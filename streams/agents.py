@@ -35,12 +35,18 @@ from streams.tables import as_current
 log = logging.getLogger(__name__)
 
 
+MAX_ID_BYTES = 1024     # longer ids are refused: a table key / history entry per event
+
+
 def to_event(message_event) -> Event:
     """Decode one Kafka message into an Event, or raise DecodeError with the reason."""
     record = decode_interaction(message_event.value)
     for name in ("user_id", "item_id", "event_id"):
         if not record.get(name):
             raise DecodeError(f"empty {name}")
+        if len(record[name].encode()) > MAX_ID_BYTES:
+            raise DecodeError(f"{name} longer than {MAX_ID_BYTES} bytes "
+                              f"({len(record[name].encode())})")
     message = message_event.message
     return Event(record["user_id"], record["item_id"], record["event_id"],
                  int(record["timestamp"]), message.partition, message.offset)

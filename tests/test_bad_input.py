@@ -1,0 +1,80 @@
+"""What each bad input gets (docs/RELIABILITY.md keeps the table): a dead-letter reason for
+what cannot be scored, normal scoring for what only looks odd, and nothing lost either way.
+The end-to-end path (the reason in a header on the dead-letter topic, the worker going on) is
+tests/test_stream_e2e.py; the replay file's broken rows are tests/test_data.py."""
+
+from __future__ import annotations
+
+import struct
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from schemas.codec import DecodeError, encode_interaction
+from streams.agents import MAX_ID_BYTES, to_event
+from streams.scoring import Event, Scorer, UserRecord
+from tests.test_scoring import ITEM_IDS, small_model
+
+CLICK = {"event_id": "e1", "user_id": "u1", "item_id": "item3", "event_type": "CLICK",
+         "timestamp": 1_700_000_000_000, "properties": None}
+
+
+def message(value: bytes):
+    return SimpleNamespace(value=value, message=SimpleNamespace(partition=0, offset=7))
+
+
+def wire(**changes) -> bytes:
+    return encode_interaction({**CLICK, **changes})
+
+
+@pytest.mark.parametrize("payload, reason", [
+    (b"not avro at all", "bad magic byte"),
+    (b"", "empty payload"),
+    (b"\x00\x00\x00", "truncated header"),
+    (b"\x00" + struct.pack(">I", 999) + wire()[5:], "unknown schema id 999"),   # wrong schema id
+    (wire()[:12], "truncated"),                                              # fields missing
+    (wire() + b"\x00", "trailing bytes"),
+    (wire(user_id=""), "empty user_id"),
+    (wire(item_id=""), "empty item_id"),
+    (wire(event_id=""), "empty event_id"),
+    (wire(user_id="u" * (MAX_ID_BYTES + 1)), "user_id longer than 1024 bytes"),
+    (wire(item_id="i" * 1_000_000), "item_id longer than 1024 bytes"),
+], ids=["undecodable", "empty", "short-header", "wrong-schema-id", "missing-fields",
+        "trailing-bytes", "empty-user", "empty-item", "empty-event-id", "huge-user-id",
+        "huge-item-id"])
+def test_what_cannot_be_scored_gets_a_dead_letter_reason(payload, reason):
+    with pytest.raises(DecodeError, match=reason):
+        to_event(message(payload))
+
+
+@pytest.mark.parametrize("changes", [
+    {"timestamp": 0},                                       # 1970
+    {"timestamp": -62_135_596_800_000},                     # year 1
+    {"timestamp": 253_402_300_799_000},                     # year 9999
+    {"event_type": "PURCHASE"},
+    {"event_type": "UNKNOWN"},                              # what a newer writer's symbol reads as
+    {"item_id": "never-seen-item"},
+    {"user_id": "u" * MAX_ID_BYTES},                        # at the limit
+], ids=["epoch", "year-1", "year-9999", "purchase", "unknown-type", "unknown-item", "long-id"])
+def test_what_only_looks_odd_is_scored(changes):
+    event = to_event(message(wire(**changes)))
+    scorer = Scorer(small_model(), ITEM_IDS, "v1")
+    _, recs, stats = scorer.process([event], {event.user_id: None})
+    assert stats.applied == 1 and len(recs) == 1 and len(recs[0]["items"]) == 10
+    assert recs[0]["event_timestamp"] == event.timestamp_ms    # carried, never used by the model
+
+
+def test_a_user_with_very_many_events_keeps_a_constant_size_record():
+    scorer = Scorer(small_model(), ITEM_IDS, "v1")
+    record, sizes = None, []
+    g = torch.Generator().manual_seed(0)
+    for batch in range(20):                                 # 20 batches x 500 events, one user
+        events = [Event("heavy", f"item{int(torch.randint(1, 40, (1,), generator=g))}",
+                        f"e{batch}-{i}", 0, 0, batch * 500 + i) for i in range(500)]
+        updated, recs, stats = scorer.process(events, {"heavy": record})
+        assert stats.applied == 500 and len(recs) == 500
+        record = UserRecord.from_bytes(updated["heavy"].to_bytes())
+        sizes.append(len(updated["heavy"].to_bytes()))
+    assert record.events_applied == 10_000 and len(record.history) == 50
+    assert max(sizes) - min(sizes) < 200                    # only the header's numbers grow

@@ -16,6 +16,7 @@ from model.checkpoint import load_checkpoint
 from model.training import pick_device
 from streams.agents import ScoringAgent
 from streams.config import StreamConfig
+from streams.kafka_config import faust_credentials
 from streams.metrics import MetricsServer, WorkerMetrics
 from streams.model_store import ModelStore
 from streams.model_updates import ModelWatcher, ensure_model_updates_topic
@@ -42,6 +43,7 @@ def create_app(cfg: StreamConfig, scorer: Scorer, metrics: WorkerMetrics | None 
     app = faust.App(
         cfg.app_id,
         broker=f"kafka://{cfg.broker}",
+        broker_credentials=faust_credentials(),     # MLSA4REC_KAFKA_* (streams/kafka_config.py)
         store="rocksdb://",                 # faust uses rocksdict when it is installed
         datadir=cfg.data_dir,
         topic_partitions=cfg.partitions,

@@ -12,6 +12,7 @@ from typing import Iterable, Iterator
 from confluent_kafka import Consumer, KafkaError, Producer
 
 from schemas.codec import decode_recommendation, encode_interaction
+from streams.kafka_config import client_config
 
 # librdkafka's default partitioner differs from the Java client's; murmur2 puts a user on the
 # partition that Java and aiokafka (Faust) producers would choose too.
@@ -42,7 +43,7 @@ def read_clicks(path: str) -> Iterator[dict]:
 
 
 def produce_clicks(bootstrap: str, topic: str, clicks: Iterable[dict], extra: dict | None = None) -> int:
-    producer = Producer({"bootstrap.servers": bootstrap, **PRODUCER_DEFAULTS, **(extra or {})})
+    producer = Producer({**client_config(bootstrap), **PRODUCER_DEFAULTS, **(extra or {})})
     errors: list[str] = []
 
     def on_delivery(err, _msg):
@@ -64,7 +65,7 @@ def produce_clicks(bootstrap: str, topic: str, clicks: Iterable[dict], extra: di
 def tail_recommendations(bootstrap: str, topic: str, from_beginning: bool = False,
                          max_messages: int = 0, idle_timeout: float = 0.0) -> Iterator[dict]:
     """Yield decoded recommendations; stop after max_messages or idle_timeout s of silence."""
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"tail-{uuid.uuid4().hex}",
+    consumer = Consumer({**client_config(bootstrap), "group.id": f"tail-{uuid.uuid4().hex}",
                          "auto.offset.reset": "earliest" if from_beginning else "latest",
                          "enable.auto.commit": False})
     consumer.subscribe([topic])

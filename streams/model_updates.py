@@ -15,6 +15,7 @@ import threading
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
+from streams.kafka_config import client_config
 from streams.model_store import ModelStore
 from streams.topics import ensure_topics
 
@@ -28,7 +29,7 @@ def ensure_model_updates_topic(bootstrap: str, topic: str, replication: int = 1)
 
 
 def announce(bootstrap: str, topic: str, announcement: dict, extra_config=None) -> None:
-    producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True,
+    producer = Producer({**client_config(bootstrap), "enable.idempotence": True,
                          **(extra_config or {})})
     producer.produce(topic, key=KEY, value=json.dumps(announcement).encode())
     if producer.flush(30):
@@ -57,7 +58,7 @@ def read_announcements(bootstrap: str, topic: str, timeout: float = 5.0) -> list
 
 
 def _consumer(bootstrap: str) -> Consumer:
-    return Consumer({"bootstrap.servers": bootstrap, "group.id": "unused-no-commits",
+    return Consumer({**client_config(bootstrap), "group.id": "unused-no-commits",
                      "enable.auto.commit": False, "auto.offset.reset": "earliest"})
 
 

@@ -65,6 +65,7 @@ def replay(source: str, cfg: ReplayConfig) -> int:
 
     from schemas.codec import encode_interaction
     from streams.clients import PRODUCER_DEFAULTS
+    from streams.kafka_config import client_config
     from streams.topics import ensure_topics
 
     events = log_events(source, cfg.k_core, cfg.start)
@@ -78,7 +79,7 @@ def replay(source: str, cfg: ReplayConfig) -> int:
         if {k: saved.get(k) for k in identity} == identity:
             done = saved["delivered"]
     ensure_topics(cfg.broker, {cfg.interactions_topic: cfg.partitions})
-    producer = Producer({"bootstrap.servers": cfg.broker, **PRODUCER_DEFAULTS})
+    producer = Producer({**client_config(cfg.broker), **PRODUCER_DEFAULTS})
     failures: list[str] = []
 
     def on_delivery(err, _msg):

@@ -13,6 +13,7 @@ import time
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from streams.config import StreamConfig
+from streams.kafka_config import client_config
 
 
 def topic_partitions(cfg: StreamConfig) -> dict[str, int]:
@@ -25,7 +26,7 @@ def ensure_topics(bootstrap: str, wanted: dict[str, int], replication: int = 1,
                   timeout: float = 30.0, configs: dict[str, dict[str, str]] | None = None) -> None:
     """Create missing topics (with their `configs`, e.g. compaction); an existing one must
     have the wanted partition count."""
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = AdminClient(client_config(bootstrap))
     existing = admin.list_topics(timeout=timeout).topics
     for name, partitions in wanted.items():
         if name in existing and len(existing[name].partitions) != partitions:

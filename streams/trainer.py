@@ -143,6 +143,7 @@ def run_trainer(cfg: TrainerConfig, stop=None) -> None:
     from model.checkpoint import load_checkpoint
     from model.training import pick_device
     from schemas.codec import DecodeError, decode_interaction
+    from streams.kafka_config import client_config
     from streams.metrics import MetricsServer, TrainerMetrics
     from streams.model_store import ModelStore
     from streams.model_updates import announce, ensure_model_updates_topic, read_announcements
@@ -186,7 +187,7 @@ def run_trainer(cfg: TrainerConfig, stop=None) -> None:
         server = MetricsServer(cfg.metrics_port, metrics.registry, health=lambda: (
             True, {"model_version": trainer.version,
                    "events_since_round": trainer.events_since_round})).start()
-    consumer = Consumer({"bootstrap.servers": cfg.broker, "group.id": cfg.group_id,
+    consumer = Consumer({**client_config(cfg.broker), "group.id": cfg.group_id,
                          "auto.offset.reset": "earliest", "enable.auto.commit": False,
                          # a round blocks polling; it must not cost the group membership
                          "max.poll.interval.ms": 600_000})

@@ -60,3 +60,25 @@ def test_every_dashboard_query_uses_exported_metrics():
     queries = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
     used = {name for q in queries for name in re.findall(r"mlsa4rec_[a-z0-9_]+", q)}
     assert used and used <= exported_names(), sorted(used - exported_names())
+
+
+def test_kafka_security_settings_reach_every_client_kind():
+    from streams.kafka_config import client_config, faust_credentials
+
+    env = {"MLSA4REC_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
+           "MLSA4REC_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",
+           "MLSA4REC_KAFKA_SASL_USERNAME": "scorer", "MLSA4REC_KAFKA_SASL_PASSWORD": "s3cret",
+           "MLSA4REC_OTHER": "not kafka"}
+    config = client_config("broker:9093", env, group_id="g")
+    assert config == {"bootstrap.servers": "broker:9093", "security.protocol": "SASL_SSL",
+                      "sasl.mechanism": "SCRAM-SHA-512", "sasl.username": "scorer",
+                      "sasl.password": "s3cret", "group.id": "g"}
+    credentials = faust_credentials(env)
+    assert type(credentials).__name__ == "SASLCredentials"
+    assert credentials.username == "scorer" and credentials.ssl_context is not None
+    assert str(credentials.mechanism).endswith("SCRAM_SHA_512") or "SCRAM-SHA-512" in str(
+        credentials.mechanism)
+    assert type(faust_credentials({"MLSA4REC_KAFKA_SECURITY_PROTOCOL": "SSL"})).__name__ == \
+        "SSLCredentials"
+    assert faust_credentials({}) is None
+    assert client_config("b:1", {}) == {"bootstrap.servers": "b:1"}

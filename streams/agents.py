@@ -5,8 +5,9 @@ Two stages, so that the model and the event loop work at the same time:
                        reason in a header), read the users' records from the state table, and
                        hand the batch to the model thread;
   model thread         swap in a new model version if one is ready (streams/model_updates.py),
-                       lay the records still unwritten by earlier batches over the table's
-                       (streams/pipeline.py), score, serialise records and recommendations;
+                       lay the records of earlier batches that its table reads may not show
+                       over the table's (streams/pipeline.py), score, serialise records and
+                       recommendations;
   finish (event loop)  send the recommendations and wait for the broker's acks, only then
                        write the records to the table, then ack the batch's events.
 Batches finish in the order they started; at most `pipeline_depth` wait to finish.
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -65,6 +67,21 @@ class Job:
     message_events: list                    # every event of the batch, acked when it finishes
     last_event_of: dict                     # user -> its last message event (table partition)
     scored: asyncio.Future                  # -> Scored
+    number: int = 0                         # batches started before this one
+
+
+FAULT_POINTS = ("after_consume", "after_score", "after_produce", "after_state_write", "after_ack")
+
+
+def parse_fault(text: str) -> tuple[str, int] | None:
+    """MLSA4REC_FAULT="<point>:<batch number>": the crash tests' injected fault (os._exit at
+    that point of that batch, like a SIGKILL); unset in production."""
+    if not text:
+        return None
+    point, _, number = text.partition(":")
+    if point not in FAULT_POINTS or not number.isdigit():
+        raise ValueError(f"MLSA4REC_FAULT={text!r}: want <{'|'.join(FAULT_POINTS)}>:<batch>")
+    return point, int(number)
 
 
 class ScoringAgent:
@@ -75,6 +92,9 @@ class ScoringAgent:
         self.cfg, self.scorer, self.table, self.recovery = cfg, scorer, table, recovery
         self.metrics, self.highwater = metrics, highwater
         self.started = False
+        self.batches_started = 0
+        self.batches_written = 0            # batches whose records are in the table
+        self.fault = parse_fault(os.environ.get("MLSA4REC_FAULT", ""))
         self.recommendations, self.dead_letters = recommendations, dead_letters
         # One model thread: batches are scored in the order they came, off the event loop.
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="model")
@@ -117,22 +137,31 @@ class ScoringAgent:
                 continue
             events.append(event)
             last_event_of[event.user_id] = message_event
-        records = {}
+        read_after, records = self.batches_written, {}     # no await from here to the reads
         for user, message_event in last_event_of.items():
             with as_current(message_event):
                 raw = self.table.get(user.encode())
             records[user] = UserRecord.from_bytes(raw) if raw is not None else None
+        number = self.batches_started
+        self.batches_started += 1
+        self.crash_if("after_consume", number)
         scored = asyncio.get_running_loop().run_in_executor(
-            self.executor, self.score, events, records)
-        return Job(list(batch), last_event_of, scored)
+            self.executor, self.score, events, records, read_after, number)
+        return Job(list(batch), last_event_of, scored, number)
+
+    def crash_if(self, point: str, number: int) -> None:
+        if self.fault == (point, number):
+            log.error("injected fault: exiting at %s of batch %d", point, number)
+            os._exit(70)
 
     def serve_next(self, model, item_ids: list[str], version: str) -> None:
         """Swap to this model before the next batch (any thread); a newer call wins."""
         with self._next_model_lock:
             self._next_model = (model, item_ids, version)
 
-    def score(self, events: list[Event], records) -> Scored:
-        """The model thread's part of a batch."""
+    def score(self, events: list[Event], records, read_after: int, number: int) -> Scored:
+        """The model thread's part of batch `number`, whose table reads show the writes of the
+        batches before `read_after`."""
         with self._next_model_lock:
             next_model, self._next_model = self._next_model, None
         if next_model is not None:
@@ -144,8 +173,9 @@ class ScoringAgent:
                 self.metrics.serving(self.scorer.version, previous)
         if not events:
             return Scored({}, {}, [], BatchStats())
-        updated, recs, stats = self.scorer.process(events, self.unwritten.overlay(records))
-        self.unwritten.add(updated)
+        updated, recs, stats = self.scorer.process(events,
+                                                   self.unwritten.overlay(records, read_after))
+        self.unwritten.add(updated, number)
         return Scored(updated, {user: record.to_bytes() for user, record in updated.items()},
                       [(rec["user_id"].encode(), encode_recommendation(rec)) for rec in recs],
                       stats)
@@ -157,15 +187,19 @@ class ScoringAgent:
 
     async def finish(self, stream, job: Job) -> None:
         scored = await job.scored
+        self.crash_if("after_score", job.number)
         deliveries = [await self.recommendations.send(key=key, value=value)
                       for key, value in scored.recommendations]
         await asyncio.gather(*deliveries)
+        self.crash_if("after_produce", job.number)
         for user, blob in scored.blobs.items():
             with as_current(job.last_event_of[user]):
                 self.table[user.encode()] = blob
-        self.unwritten.written(scored.records)
+        self.batches_written += 1
+        self.crash_if("after_state_write", job.number)
         for message_event in job.message_events:
             await stream.ack(message_event)
+        self.crash_if("after_ack", job.number)
         for name in ("events", "applied", "duplicates", "unknown_items"):
             self.counts[name] += getattr(scored.stats, name)
         if self.metrics:

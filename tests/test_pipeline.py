@@ -1,46 +1,52 @@
-"""Overlapped batches: a batch scored before the previous one's records reach the table."""
+"""Overlapped batches: batches scored from table reads that earlier batches' writes may not
+show yet (streams/pipeline.py), in the orders the agent can produce."""
+
+import pytest
 
 from streams.pipeline import UnwrittenRecords
 from streams.scoring import Scorer, UserRecord
 from tests.test_scoring import ITEM_IDS, make_events, run_in_batches, small_model
 
 
-def test_scoring_ahead_of_the_table_writes_equals_scoring_in_turn():
-    events = make_events(n_users=3, per_user=8)
+@pytest.mark.parametrize("depth", [1, 2, 3])
+def test_scoring_ahead_of_the_table_writes_equals_scoring_in_turn(depth):
+    """Batch k reads the table while the `depth` batches before it are still unwritten, and
+    is scored after some of those writes land: the worst interleaving of the agent."""
+    events = make_events(n_users=3, per_user=10)
     scorer = Scorer(small_model(), ITEM_IDS, "v1")
-    expected_table, expected = run_in_batches(scorer, events, 4)
+    expected_table, expected = run_in_batches(scorer, events, 3)
 
-    # Every batch reads the table before the previous batch has written to it, as in the
-    # agent with pipeline_depth >= 1; the overlay supplies what the table is missing.
-    unwritten, table, out, pending = UnwrittenRecords(), {}, [], None
-    for start in range(0, len(events), 4):
-        batch = events[start:start + 4]
-        stale = {e.user_id: (UserRecord.from_bytes(table[e.user_id]) if e.user_id in table
-                             else None) for e in batch}
-        updated, recs, _ = scorer.process(batch, unwritten.overlay(stale))
-        unwritten.add(updated)
+    unwritten, table, out, pending = UnwrittenRecords(), {}, [], []
+    written = 0                                        # batches whose records are in `table`
+    batches = [events[s:s + 3] for s in range(0, len(events), 3)]
+    for number, batch in enumerate(batches):
+        read_after = written                           # the table read happens now ...
+        read = {e.user_id: (UserRecord.from_bytes(table[e.user_id]) if e.user_id in table
+                            else None) for e in batch}
+        while len(pending) > depth - 1:                # ... an earlier batch is written ...
+            table.update({u: r.to_bytes() for u, r in pending.pop(0).items()})
+            written += 1
+        # ... and only then is this batch scored.
+        updated, recs, _ = scorer.process(batch, unwritten.overlay(read, read_after))
+        unwritten.add(updated, number)
         out += recs
-        if pending is not None:                 # the previous batch finishes only now
-            table.update({u: r.to_bytes() for u, r in pending.items()})
-            unwritten.written(pending)
-        pending = updated
-    table.update({u: r.to_bytes() for u, r in pending.items()})
-    unwritten.written(pending)
+        pending.append(updated)
+    for updated in pending:
+        table.update({u: r.to_bytes() for u, r in updated.items()})
 
     assert [r["items"] for r in out] == [r["items"] for r in expected]
     assert table == expected_table
-    assert len(unwritten) == 0
 
 
-def test_a_written_record_leaves_the_overlay_but_a_newer_one_stays():
+def test_an_entry_is_kept_while_a_batch_may_have_read_around_its_write():
     unwritten = UnwrittenRecords()
-    older, newer = UserRecord(last_offset=1), UserRecord(last_offset=2)
-    unwritten.add({"u": older})
-    unwritten.add({"u": newer})
-    unwritten.written({"u": older})             # the table now holds `older`; `newer` is ahead
-    (record,) = unwritten.overlay({"u": UserRecord(last_offset=1)}).values()
-    assert record.last_offset == 2 and record is not newer   # a copy, never the shared object
-    unwritten.written({"u": newer})
+    unwritten.add({"u": UserRecord(last_offset=5)}, batch=3)
+    stale = {"u": UserRecord(last_offset=1)}
+    # Read when 3 batches were written (batch 3 not among them): the entry wins, as a copy.
+    (record,) = unwritten.overlay(stale, read_after=3).values()
+    assert record.last_offset == 5
+    assert len(unwritten) == 1
+    # Read after batch 3 was written: the table's record is current; the entry is dropped.
+    fresh = {"u": UserRecord(last_offset=5)}
+    assert unwritten.overlay(fresh, read_after=4)["u"] is fresh["u"]
     assert len(unwritten) == 0
-    table_record = UserRecord(last_offset=2)
-    assert unwritten.overlay({"u": table_record})["u"] is table_record

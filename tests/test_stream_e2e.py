@@ -23,6 +23,7 @@ from confluent_kafka import Consumer, Producer
 from model.checkpoint import save_checkpoint
 from model.models import build_model
 from schemas.codec import encode_interaction
+from streams.agents import FAULT_POINTS
 from streams.clients import PRODUCER_DEFAULTS, produce_clicks, tail_recommendations
 from streams.local_broker import free_ports
 from streams.topics import ensure_topics
@@ -225,6 +226,33 @@ def test_state_survives_a_sigkill_and_recommendations_equal_an_uninterrupted_run
         produce_clicks(kafka_bootstrap_server, f"interactions-{name}", second[10:])
         got = collect(kafka_bootstrap_server, f"recommendations-{name}",
                       {c["event_id"] for c in clicks}, timeout=30 if lose_local_store else 60)
+        assert_matches_offline(got, offline_expectation(model, clicks))
+    finally:
+        worker.stop()
+
+
+@pytest.mark.parametrize("point", FAULT_POINTS)
+def test_a_crash_at_any_step_of_the_batch_cycle_loses_nothing(
+        kafka_bootstrap_server, checkpoint, tmp_path, point):
+    """The worker exits (os._exit, as a SIGKILL would) at `point` of its 3rd batch; restarted,
+    every click gets recommendations equal to an uninterrupted run: duplicates only as the
+    same recommendation for the same event."""
+    path, model = checkpoint
+    name = uuid.uuid4().hex[:8]
+    worker = Worker(kafka_bootstrap_server, path, tmp_path, name)
+    worker.env["MLSA4REC_FAULT"] = f"{point}:2"
+    clicks = clicks_for(n_users=5, per_user=12, seed=3)
+    worker.start()
+    try:
+        for start in range(0, 30, 5):               # small bursts: several batches
+            produce_clicks(kafka_bootstrap_server, f"interactions-{name}", clicks[start:start + 5])
+            time.sleep(0.3)
+        assert worker.process.wait(60) == 70, worker.log_tail()      # the injected exit
+        del worker.env["MLSA4REC_FAULT"]
+        worker.start()
+        produce_clicks(kafka_bootstrap_server, f"interactions-{name}", clicks[30:])
+        got = collect(kafka_bootstrap_server, f"recommendations-{name}",
+                      {c["event_id"] for c in clicks})
         assert_matches_offline(got, offline_expectation(model, clicks))
     finally:
         worker.stop()

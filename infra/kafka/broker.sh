@@ -139,8 +139,9 @@ start() {
         # Random 16 bytes, url-safe base64 without padding: Kafka's cluster id format.
         local cid
         cid="$(head -c16 /dev/urandom | base64 | tr '+/' '-_' | cut -c1-22)"
+        # "--cluster-id=" form: an id may start with "-", which argparse would take for an option.
         # shellcheck disable=SC2086
-        java $opts -cp "$java_cp" kafka.tools.StorageTool format -t "$cid" -c "$PROPS" \
+        java $opts -cp "$java_cp" kafka.tools.StorageTool format --cluster-id="$cid" -c "$PROPS" \
             >"$DATA/format.log" 2>&1 || { cat "$DATA/format.log" >&2; die "storage format failed"; }
     fi
     local t0=$SECONDS

@@ -1,0 +1,75 @@
+"""Faults around the worker: the broker goes away and comes back."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+import uuid
+
+from streams.clients import produce_clicks
+from streams.config import TrainerConfig
+from streams.local_broker import BROKER_SH, free_ports
+from streams.model_updates import read_announcements
+from streams.trainer import run_trainer
+from tests.test_stream_e2e import (Worker, assert_matches_offline, checkpoint,  # noqa: F401
+                                   clicks_for, collect, offline_expectation)
+
+
+class RestartableBroker:
+    """infra/kafka/broker.sh on fixed ports and a data dir that outlives a stop."""
+
+    def __init__(self, data_dir):
+        port, controller = free_ports(2)
+        self.env = dict(os.environ, KAFKA_PORT=str(port), KAFKA_CONTROLLER_PORT=str(controller),
+                        KAFKA_DATA_DIR=str(data_dir))
+        self.bootstrap = f"127.0.0.1:{port}"
+
+    def run(self, action):
+        done = subprocess.run(["bash", str(BROKER_SH), action], env=self.env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+
+
+def test_worker_and_trainer_go_on_after_a_broker_restart(checkpoint, tmp_path):  # noqa: F811
+    path, model = checkpoint
+    broker = RestartableBroker(tmp_path / "kafka")
+    broker.run("start")
+    name = uuid.uuid4().hex[:8]
+    worker = Worker(broker.bootstrap, path, tmp_path, name)
+    stop = threading.Event()
+    trainer = threading.Thread(target=run_trainer, args=(TrainerConfig(
+        broker=broker.bootstrap, interactions_topic=f"interactions-{name}", partitions=3,
+        model_updates_topic=f"model-updates-{name}", group_id=f"trainer-{name}",
+        checkpoint=str(path), model_store=str(tmp_path / "models"),
+        buffer_dir=str(tmp_path / "buffer"), round_every_events=10 ** 9, round_every_s=2.0,
+        steps=2, holdout_events=5, min_holdout=10 ** 6, threads=1, metrics_port=0), stop),
+        daemon=True)
+    # The worker serves only the checkpoint here: this test is about the connection.
+    worker.args += ["--follow-model-updates", "false"]
+    clicks = clicks_for(n_users=6, per_user=8, seed=4)
+    try:
+        worker.start()
+        trainer.start()
+        produce_clicks(broker.bootstrap, f"interactions-{name}", clicks[:24])
+        collect(broker.bootstrap, f"recommendations-{name}", {c["event_id"] for c in clicks[:24]})
+        broker.run("stop")
+        time.sleep(5)                                   # both notice the broker is gone
+        broker.run("start")
+        versions_before = len(read_announcements(broker.bootstrap, f"model-updates-{name}"))
+        produce_clicks(broker.bootstrap, f"interactions-{name}", clicks[24:])
+        got = collect(broker.bootstrap, f"recommendations-{name}",
+                      {c["event_id"] for c in clicks}, timeout=120)
+        assert_matches_offline(got, offline_expectation(model, clicks))
+        assert worker.process.poll() is None, worker.log_tail()
+        deadline = time.monotonic() + 60                # the trainer consumes and publishes again
+        while len(read_announcements(broker.bootstrap, f"model-updates-{name}")) <= versions_before:
+            assert time.monotonic() < deadline, "no version after the restart"
+            time.sleep(1)
+        assert trainer.is_alive()
+    finally:
+        stop.set()
+        worker.stop()
+        trainer.join(30)
+        broker.run("stop")

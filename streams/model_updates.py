@@ -13,7 +13,7 @@ import json
 import logging
 import threading
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
 
 from streams.kafka_config import client_config
 from streams.model_store import ModelStore
@@ -40,7 +40,11 @@ def read_announcements(bootstrap: str, topic: str, timeout: float = 5.0) -> list
     """Every announcement still on the topic, oldest first (used at start-up)."""
     consumer = _consumer(bootstrap)
     consumer.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
-    _, high = consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=timeout)
+    try:
+        _, high = consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=timeout)
+    except KafkaException:              # no such topic (yet): nothing announced
+        consumer.close()
+        return []
     out = []
     while high > 0:
         msg = consumer.poll(timeout)

@@ -12,6 +12,7 @@ from streams.clients import produce_clicks
 from streams.config import TrainerConfig
 from streams.local_broker import BROKER_SH, free_ports
 from streams.model_updates import read_announcements
+from streams.topics import ensure_topics
 from streams.trainer import run_trainer
 from tests.test_stream_e2e import (Worker, assert_matches_offline, checkpoint,  # noqa: F401
                                    clicks_for, collect, offline_expectation)
@@ -72,4 +73,60 @@ def test_worker_and_trainer_go_on_after_a_broker_restart(checkpoint, tmp_path): 
         stop.set()
         worker.stop()
         trainer.join(30)
+        broker.run("stop")
+
+
+def test_a_trainer_killed_mid_round_announces_nothing_half_written(checkpoint, tmp_path):  # noqa: F811
+    import signal
+    import sys
+
+    from streams.local_broker import REPO
+    from streams.model_store import ModelStore
+
+    path, _ = checkpoint
+    broker = RestartableBroker(tmp_path / "kafka")
+    broker.run("start")
+    name, store = uuid.uuid4().hex[:8], ModelStore(tmp_path / "models")
+    updates = f"model-updates-{name}"
+    args = [sys.executable, "-m", "cli", "trainer", "--broker", broker.bootstrap,
+            "--interactions-topic", f"interactions-{name}", "--partitions", "3",
+            "--model-updates-topic", updates, "--group-id", f"trainer-{name}",
+            "--checkpoint", str(path), "--model-store", str(store.root),
+            "--buffer-dir", str(tmp_path / "buffer"), "--round-every-s", "0.2",
+            "--steps", "15", "--holdout-events", "5", "--min-holdout", "1000000",
+            "--threads", "1", "--metrics-port", "0"]
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+
+    def start():
+        return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                                stderr=open(tmp_path / "trainer.log", "ab"))
+
+    def announced():
+        return read_announcements(broker.bootstrap, updates)
+
+    def wait_for_versions(n, timeout=90):
+        deadline = time.monotonic() + timeout
+        while len(announced()) < n:
+            assert time.monotonic() < deadline, (tmp_path / "trainer.log").read_text()[-2000:]
+            produce_clicks(broker.bootstrap, f"interactions-{name}",
+                           clicks_for(n_users=6, per_user=2, seed=int(time.time() * 1e3) % 10 ** 6))
+            time.sleep(0.5)
+
+    ensure_topics(broker.bootstrap, {f"interactions-{name}": 3})     # as a worker would
+    trainer = start()
+    try:
+        wait_for_versions(2)
+        time.sleep(0.5)                                 # inside a round (rounds run back to back)
+        trainer.send_signal(signal.SIGKILL)
+        trainer.wait(30)
+        before = announced()
+        for announcement in before:                     # everything announced loads and checks
+            store.load(announcement)
+        trainer = start()                               # goes on from the newest version
+        wait_for_versions(len(before) + 1)
+        after = announced()
+        assert after[len(before)]["parent"] == before[-1]["version"]
+        store.load(after[-1])
+    finally:
+        trainer.kill()
         broker.run("stop")

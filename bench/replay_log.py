@@ -67,12 +67,13 @@ def main():
         processes.append(subprocess.Popen(
             [sys.executable, "-m", "cli", "worker", *common, "--checkpoint", args.checkpoint,
              "--data-dir", str(out / f"worker-{int(time.time())}"), "--batch-max",
-             str(args.batch_max), "--log-level", "warning"],
+             str(args.batch_max), "--log-level", "warning", "--metrics-port", "0"],
             cwd=REPO, env=env, stdout=open(out / "worker.log", "wb"), stderr=subprocess.STDOUT))
         if args.fine_tune:
             processes.append(subprocess.Popen(
                 [sys.executable, "-m", "cli", "trainer", *common, "--checkpoint", args.checkpoint,
-                 "--buffer-dir", str(out / f"buffer-{int(time.time())}"), "--threads", "1"],
+                 "--buffer-dir", str(out / f"buffer-{int(time.time())}"), "--threads", "1",
+                 "--metrics-port", "0"],
                 cwd=REPO, env=env, stdout=open(out / "trainer.log", "wb"),
                 stderr=subprocess.STDOUT))
         started = time.time()
@@ -94,6 +95,9 @@ def main():
             for process in processes:
                 process.wait(60)
     summary = result["summary"]
+    if summary["recommendations"] != len(events.rows):
+        sys.exit(f"only {summary['recommendations']} of {len(events.rows)} clicks were answered: "
+                 f"see {out / 'worker.log'}")
     offline = None if args.skip_offline else offline_test_metrics(args.checkpoint, args.dataset)
     write_report(result, out, title=f"{args.dataset} replay, fine-tuning {label}",
                  offline=offline, offline_label="offline leave-one-out test (whole history)")

@@ -125,7 +125,7 @@ def run_worker(bootstrap, checkpoint, name, batch, state_dtype, data_dir):
             "--recommendations-topic", f"out-{name}", "--dead-letter-topic", f"dlq-{name}",
             "--partitions", str(PARTITIONS), "--batch-max", str(batch), "--batch-wait-ms", "10",
             "--state-dtype", state_dtype, "--data-dir", str(data_dir), "--log-level", "warning",
-            "--follow-model-updates", "false"]
+            "--follow-model-updates", "false", "--metrics-port", "0"]
     return subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                             stderr=open(Path(data_dir).parent / f"{name}.log", "wb"))
 

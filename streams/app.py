@@ -82,9 +82,14 @@ def run_worker(cfg: StreamConfig) -> None:
     metrics.serving(scorer.version)
     app, agent = create_app(cfg, scorer, metrics)
     if cfg.metrics_port:
-        MetricsServer(cfg.metrics_port, metrics.registry, health=lambda: (
-            agent.started and app.tables.recovery.completed.is_set(),
-            {"model_version": agent.scorer.version, **agent.counts})).start()
+        try:
+            MetricsServer(cfg.metrics_port, metrics.registry, health=lambda: (
+                agent.started and app.tables.recovery.completed.is_set(),
+                {"model_version": agent.scorer.version, **agent.counts})).start()
+        except OSError as exc:          # e.g. a second worker on this host, same port
+            logging.getLogger(__name__).error(
+                "no metrics/health endpoint: port %d: %s (set --metrics-port); scoring goes on",
+                cfg.metrics_port, exc)
     if cfg.follow_model_updates:
         ensure_model_updates_topic(cfg.broker, cfg.model_updates_topic, cfg.replication)
         watcher = ModelWatcher(

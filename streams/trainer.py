@@ -184,9 +184,13 @@ def run_trainer(cfg: TrainerConfig, stop=None) -> None:
     metrics.model_version.labels(trainer.version).set(1)
     server = None
     if cfg.metrics_port:
-        server = MetricsServer(cfg.metrics_port, metrics.registry, health=lambda: (
-            True, {"model_version": trainer.version,
-                   "events_since_round": trainer.events_since_round})).start()
+        try:
+            server = MetricsServer(cfg.metrics_port, metrics.registry, health=lambda: (
+                True, {"model_version": trainer.version,
+                       "events_since_round": trainer.events_since_round})).start()
+        except OSError as exc:          # e.g. a second trainer on this host, same port
+            log.error("no metrics/health endpoint: port %d: %s (set --metrics-port); "
+                      "training goes on", cfg.metrics_port, exc)
     consumer = Consumer({**client_config(cfg.broker), "group.id": cfg.group_id,
                          "auto.offset.reset": "earliest", "enable.auto.commit": False,
                          # a round blocks polling; it must not cost the group membership

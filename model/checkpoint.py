@@ -7,6 +7,7 @@ load with torch.load(weights_only=True): loading a checkpoint never runs code fr
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import time
 import uuid
@@ -44,12 +45,17 @@ def save_checkpoint(path: str | os.PathLike, model, item_ids: list[str], metrics
 
 def load_checkpoint(path: str | os.PathLike, device="cpu", expected_sha256: str | None = None):
     """Returns (model in eval mode, payload). Refuses a file whose sha256 differs."""
-    path = Path(path)
+    return load_checkpoint_bytes(Path(path).read_bytes(), device, expected_sha256, str(path))
+
+
+def load_checkpoint_bytes(data: bytes, device="cpu", expected_sha256: str | None = None,
+                          name: str = "checkpoint"):
+    """The same from the file's bytes (a model store on any fsspec filesystem)."""
     if expected_sha256 is not None:
-        actual = hashlib.sha256(path.read_bytes()).hexdigest()
+        actual = hashlib.sha256(data).hexdigest()
         if actual != expected_sha256:
-            raise ValueError(f"{path}: sha256 {actual} != expected {expected_sha256}")
-    payload = torch.load(path, map_location=device, weights_only=True)
+            raise ValueError(f"{name}: sha256 {actual} != expected {expected_sha256}")
+    payload = torch.load(io.BytesIO(data), map_location=device, weights_only=True)
     config = {k: v for k, v in payload["config"].items() if k not in ("model", "n_items")}
     # A model that grew its vocabulary online keeps spare embedding rows past the id map.
     n_items = payload["config"].get("n_items", len(payload["item_ids"]))

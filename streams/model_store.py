@@ -1,7 +1,9 @@
-"""Model versions on disk, and what a version announcement says.
+"""Model versions in a store, and what a version announcement says.
 
-A version = one checkpoint file (weights, config, item-id map, metrics; model/checkpoint.py)
-written atomically into the store directory, and an announcement:
+The store is a directory, or any fsspec URL (s3://bucket/models, gs://..., memory://...) where
+the filesystem's package is installed. A version = one checkpoint file (weights, config,
+item-id map, metrics; model/checkpoint.py), written under a temporary name and moved into
+place, then announced:
     {"version", "path" (relative to the store), "sha256", "created_at" (ms), "parent",
      "trained_through" (ms timestamp of the newest event it trained on, or null)}
 A reader loads a version only from inside its own store and only after the sha256 matches.
@@ -9,33 +11,51 @@ A reader loads a version only from inside its own store and only after the sha25
 
 from __future__ import annotations
 
+import posixpath
+import tempfile
 import time
 from pathlib import Path
 
-from model.checkpoint import load_checkpoint, new_version, save_checkpoint
+import fsspec
+
+from model.checkpoint import load_checkpoint_bytes, new_version, save_checkpoint
 
 
 class ModelStore:
     def __init__(self, root: str | Path):
-        self.root = Path(root).resolve()
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root = root
+        self.fs, base = fsspec.core.url_to_fs(str(root))
+        self.local = "file" in (self.fs.protocol if isinstance(self.fs.protocol, tuple)
+                                else (self.fs.protocol,))
+        self.base = str(Path(base).resolve()) if self.local else base.rstrip("/")
+        self.fs.makedirs(self.base, exist_ok=True)
 
     def publish(self, model, item_ids: list[str], metrics: dict, parent: str | None,
                 trained_through: int | None = None, version: str | None = None) -> dict:
         version = version or new_version()
-        path = self.root / f"{version}.pt"
-        sha = save_checkpoint(path, model, item_ids, metrics, version=version,
-                              extra={"parent": parent})
-        return {"version": version, "path": path.name, "sha256": sha,
+        name = f"{version}.pt"
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(tmp) / name
+            sha = save_checkpoint(local, model, item_ids, metrics, version=version,
+                                  extra={"parent": parent})
+            target = posixpath.join(self.base, name)
+            self.fs.put_file(str(local), target + ".tmp")
+            self.fs.mv(target + ".tmp", target)     # readers never see a partial file
+        return {"version": version, "path": name, "sha256": sha,
                 "created_at": int(time.time() * 1000), "parent": parent,
                 "trained_through": trained_through}
 
-    def resolve(self, path: str) -> Path:
+    def resolve(self, path: str) -> str:
         """The file an announcement names; refuses anything outside the store."""
-        resolved = (self.root / path).resolve()
-        if not resolved.is_relative_to(self.root):
+        if self.local:
+            resolved = (Path(self.base) / path).resolve()
+            inside = resolved.is_relative_to(Path(self.base))
+        else:
+            resolved = posixpath.normpath(posixpath.join(self.base, path))
+            inside = resolved.startswith(self.base + "/")
+        if not inside:
             raise ValueError(f"path {path!r} is outside the model store {self.root}")
-        return resolved
+        return str(resolved)
 
     def load(self, announcement: dict, device="cpu"):
         """(model, payload) of an announced version; raises ValueError / OSError if the file
@@ -44,10 +64,10 @@ class ModelStore:
             if not announcement.get(key):
                 raise ValueError(f"announcement without {key}")
         path = self.resolve(announcement["path"])
+        data = self.fs.cat_file(path)                   # OSError if missing
         try:
-            model, payload = load_checkpoint(path, device=device,
-                                             expected_sha256=announcement["sha256"])
-        except (ValueError, OSError):
+            model, payload = load_checkpoint_bytes(data, device, announcement["sha256"], path)
+        except ValueError:
             raise
         except Exception as exc:  # noqa: BLE001 - an unreadable file is refused, not fatal
             raise ValueError(f"{path}: unreadable checkpoint ({exc.__class__.__name__}: {exc})")

@@ -171,7 +171,7 @@ def drain_rate(bootstrap, tmp, checkpoint, args, swap_every_s: float, keep_state
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--seconds", type=float, default=120.0)
+    parser.add_argument("--seconds", type=float, default=120.0, help="0: no freshness run")
     parser.add_argument("--rate", type=float, default=100.0)
     parser.add_argument("--round-every-s", type=float, default=10.0)
     parser.add_argument("--events", type=int, default=20000)
@@ -184,17 +184,18 @@ def main():
     with kafka_bootstrap() as bootstrap:
         print(f"broker {bootstrap}; model mlsa4rec-s, {N_ITEMS - 1} items, {N_USERS} users",
               flush=True)
-        fresh = freshness(bootstrap, tmp, checkpoint, args)
+        fresh = freshness(bootstrap, tmp, checkpoint, args) if args.seconds else None
         print("freshness:", json.dumps(fresh), flush=True)
         rows = [("no swaps", drain_rate(bootstrap, tmp, checkpoint, args, 0, False)),
                 (f"a version every {args.swap_every_s:g} s, states rebuilt",
                  drain_rate(bootstrap, tmp, checkpoint, args, args.swap_every_s, False)),
                 (f"a version every {args.swap_every_s:g} s, states kept",
                  drain_rate(bootstrap, tmp, checkpoint, args, args.swap_every_s, True))]
-    print(f"\nfreshness ({fresh['events']} clicks at {args.rate:g}/s, a round every "
-          f"{args.round_every_s:g} s): p50 {fresh['freshness p50 s']:.1f} s, "
-          f"p90 {fresh['freshness p90 s']:.1f} s, max {fresh['freshness max s']:.1f} s; "
-          f"{fresh['versions']} versions, {fresh['covered']:.0%} of clicks covered")
+    if fresh:
+        print(f"\nfreshness ({fresh['events']} clicks at {args.rate:g}/s, a round every "
+              f"{args.round_every_s:g} s): p50 {fresh['freshness p50 s']:.1f} s, "
+              f"p90 {fresh['freshness p90 s']:.1f} s, max {fresh['freshness max s']:.1f} s; "
+              f"{fresh['versions']} versions, {fresh['covered']:.0%} of clicks covered")
     print("\n| scorer drain of a backlog | events/s | versions announced |\n|---|---|---|")
     for label, row in rows:
         print(f"| {label} | {row['events/s']:.0f} | {row['versions announced']} |")

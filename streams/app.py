@@ -63,7 +63,7 @@ def create_app(cfg: StreamConfig, scorer: Scorer, metrics: WorkerMetrics | None 
         cfg, scorer,
         recommendations=raw_topic(app, cfg.recommendations_topic, cfg.partitions),
         dead_letters=raw_topic(app, cfg.dead_letter_topic, cfg.partitions),
-        table=user_state_table(app, cfg.partitions),
+        table=user_state_table(app, cfg.partitions, cfg.table_cache_mb, cfg.table_write_buffer_mb),
         recovery=app.tables.recovery, metrics=metrics,
         highwater=lambda tp: app.consumer.highwater(tp))
 

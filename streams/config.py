@@ -30,6 +30,8 @@ class StreamConfig:
     device: str = "auto"
     threads: int = 0                    # torch CPU threads for the model; 0 = torch default
     data_dir: str = "runs/worker"       # RocksDB tables live here; one folder per worker
+    table_cache_mb: int = 64            # RocksDB block cache per table partition
+    table_write_buffer_mb: int = 16     # RocksDB write buffer (x2) per table partition
     metrics_port: int = 9108            # Prometheus /metrics and /health; 0 = off
     # How soon the group notices a dead worker and hands its partitions on (broker minimum: 6 s).
     session_timeout_s: float = 10.0

@@ -8,6 +8,8 @@ their own data_dir: Kafka assigns them partitions, and each user's state follows
 from __future__ import annotations
 
 import logging
+import os
+import threading
 
 import faust
 import torch
@@ -74,6 +76,32 @@ def create_app(cfg: StreamConfig, scorer: Scorer, metrics: WorkerMetrics | None 
     return app, agent
 
 
+class ScorerWorker(faust.Worker):
+    """Faust's worker with a deadline on shutdown. A graceful stop can wait forever on a broker
+    that has gone away (flushing, committing); after `shutdown_timeout_s` the process exits
+    anyway. Nothing is lost by that: what was not committed is delivered again and the
+    records recognise what was applied (the crash tests show it)."""
+
+    shutdown_timeout_s = 30.0
+
+    def _on_sigterm(self) -> None:
+        self._arm_deadline()
+        super()._on_sigterm()
+
+    def _on_sigint(self) -> None:
+        self._arm_deadline()
+        super()._on_sigint()
+
+    def _arm_deadline(self) -> None:
+        def give_up():
+            logging.getLogger(__name__).error(
+                "not stopped after %.0f s: exiting now", self.shutdown_timeout_s)
+            os._exit(1)
+        timer = threading.Timer(self.shutdown_timeout_s, give_up)
+        timer.daemon = True
+        timer.start()
+
+
 def run_worker(cfg: StreamConfig) -> None:
     logging.basicConfig(level=cfg.log_level.upper())
     ensure_topics(cfg.broker, topic_partitions(cfg), cfg.replication)
@@ -99,7 +127,8 @@ def run_worker(cfg: StreamConfig) -> None:
             current_version=scorer.version, device=scorer.device,
             on_refused=lambda version, reason: metrics.model_refused.inc())
         watcher.start()
-    worker = faust.Worker(app, loglevel=cfg.log_level.upper(), quiet=True)
+    worker = ScorerWorker(app, loglevel=cfg.log_level.upper(), quiet=True)
+    worker.shutdown_timeout_s = cfg.shutdown_timeout_s
     # Faust's progress spinner sets the root logger to DEBUG whatever the log level, and
     # aiokafka's per-message debug records then cost ~5% of a busy worker's time.
     worker.spinner = None

@@ -35,6 +35,7 @@ class StreamConfig:
     metrics_port: int = 9108            # Prometheus /metrics and /health; 0 = off
     # How soon the group notices a dead worker and hands its partitions on (broker minimum: 6 s).
     session_timeout_s: float = 10.0
+    shutdown_timeout_s: float = 30.0    # after SIGTERM/SIGINT, exit by then even if Kafka is gone
     log_level: str = "info"
     report_every_s: float = 10.0        # a progress line in the log at most this often
 

@@ -130,3 +130,23 @@ def test_a_trainer_killed_mid_round_announces_nothing_half_written(checkpoint, t
     finally:
         trainer.kill()
         broker.run("stop")
+
+
+def test_a_worker_whose_broker_is_gone_still_stops_on_sigterm(checkpoint, tmp_path):  # noqa: F811
+    path, _ = checkpoint
+    broker = RestartableBroker(tmp_path / "kafka")
+    broker.run("start")
+    name = uuid.uuid4().hex[:8]
+    worker = Worker(broker.bootstrap, path, tmp_path, name)
+    worker.args += ["--shutdown-timeout-s", "5"]
+    clicks = clicks_for(n_users=3, per_user=3, seed=5)
+    try:
+        worker.start()
+        produce_clicks(broker.bootstrap, f"interactions-{name}", clicks)
+        collect(broker.bootstrap, f"recommendations-{name}", {c["event_id"] for c in clicks})
+    finally:
+        broker.run("stop")
+    worker.process.terminate()
+    started = time.monotonic()
+    worker.process.wait(40)                             # raises TimeoutExpired if it hangs
+    assert time.monotonic() - started < 30, worker.log_tail()

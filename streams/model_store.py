@@ -67,10 +67,10 @@ class ModelStore:
         data = self.fs.cat_file(path)                   # OSError if missing
         try:
             model, payload = load_checkpoint_bytes(data, device, announcement["sha256"], path)
-        except ValueError:
+        except ValueError:                  # sha256 mismatch: its message says so
             raise
         except Exception as exc:  # noqa: BLE001 - an unreadable file is refused, not fatal
-            raise ValueError(f"{path}: unreadable checkpoint ({exc.__class__.__name__}: {exc})")
+            raise ValueError(f"{path}: unreadable checkpoint ({exc.__class__.__name__}: {exc})") from exc
         if payload["version"] != announcement["version"]:
             raise ValueError(f"{path} holds version {payload['version']}, "
                              f"announced as {announcement['version']}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
 
@@ -39,26 +40,37 @@ def announce(bootstrap: str, topic: str, announcement: dict, extra_config=None) 
 def read_announcements(bootstrap: str, topic: str, timeout: float = 5.0) -> list[dict]:
     """Every announcement still on the topic, oldest first (used at start-up)."""
     consumer = _consumer(bootstrap)
-    consumer.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
     try:
-        _, high = consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=timeout)
-    except KafkaException:              # no such topic (yet): nothing announced
+        values = _read_to_end(consumer, topic, timeout)
+    finally:
         consumer.close()
-        return []
     out = []
-    while high > 0:
-        msg = consumer.poll(timeout)
-        if msg is None:
-            break
-        if not msg.error():
-            try:
-                out.append(json.loads(msg.value()))
-            except (ValueError, TypeError):
-                log.error("model-updates offset %s: not JSON, ignored", msg.offset())
-            if msg.offset() >= high - 1:
-                break
-    consumer.close()
+    for value in values:
+        try:
+            out.append(json.loads(value))
+        except (ValueError, TypeError):
+            log.error("model-updates record not JSON, ignored: %r", value[:200])
     return out
+
+
+def _read_to_end(consumer: Consumer, topic: str, timeout: float) -> list[bytes]:
+    """Assign the topic's partition from its start; the values up to its current end
+    ([] if there is no such topic yet)."""
+    partition = TopicPartition(topic, 0, OFFSET_BEGINNING)
+    consumer.assign([partition])
+    try:
+        _, high = consumer.get_watermark_offsets(partition, timeout=timeout)
+    except KafkaException:
+        return []
+    values, deadline = [], time.monotonic() + timeout
+    while high > 0 and time.monotonic() < deadline:
+        msg = consumer.poll(0.5)
+        if msg is None or msg.error():
+            continue
+        values.append(msg.value())
+        if msg.offset() >= high - 1:
+            break
+    return values
 
 
 def _consumer(bootstrap: str) -> Consumer:
@@ -81,21 +93,11 @@ class ModelWatcher(threading.Thread):
 
     def run(self) -> None:
         consumer = _consumer(self.bootstrap)
-        partition = TopicPartition(self.topic, 0, OFFSET_BEGINNING)
-        consumer.assign([partition])
         try:
             # What is already on the topic: only the newest announcement matters.
-            _, high = consumer.get_watermark_offsets(partition, timeout=10)
-            newest = None
-            while high > 0 and not self.stopping.is_set():
-                msg = consumer.poll(0.5)
-                if msg is None or msg.error():
-                    continue
-                newest = msg.value()
-                if msg.offset() >= high - 1:
-                    break
-            if newest is not None:
-                self.handle(newest)
+            existing = _read_to_end(consumer, self.topic, timeout=10)
+            if existing:
+                self.handle(existing[-1])
             while not self.stopping.is_set():
                 msg = consumer.poll(0.5)
                 if msg is None or msg.error():

@@ -13,6 +13,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")                       # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
@@ -31,6 +32,14 @@ def _mark_versions(ax, versions: dict[str, float], origin: float) -> None:
                     fontsize=7, color="grey", ha="left", va="top")
 
 
+def _save(fig, ax, path: Path) -> Path:
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
 def figures(series: dict, out: Path) -> dict[str, Path]:
     """Writes metrics.png, latency.png, throughput.png; returns name -> path."""
     out.mkdir(parents=True, exist_ok=True)
@@ -46,28 +55,19 @@ def figures(series: dict, out: Path) -> dict[str, Path]:
     ax.set(xlabel="seconds since the first recommendation", ylabel="rolling value",
            title="Prequential accuracy (rolling window of judged recommendations)")
     ax.legend(loc="lower right")
-    ax.grid(alpha=0.3)
-    paths["metrics"] = out / "metrics.png"
-
-    fig.tight_layout()
-    fig.savefig(paths["metrics"])
-    plt.close(fig)
+    paths["metrics"] = _save(fig, ax, out / "metrics.png")
 
     fig, ax = plt.subplots(**FIGURE)
     latencies = series["latencies_ms"]
     if latencies:
         ax.hist(latencies, bins=60, color="tab:purple")
         for q, style in ((50, "--"), (99, ":")):
-            value = sorted(latencies)[min(len(latencies) - 1, int(len(latencies) * q / 100))]
+            value = float(np.percentile(latencies, q))
             ax.axvline(value, color="black", linestyle=style, label=f"p{q} {value:.0f} ms")
         ax.legend()
     ax.set(xlabel="click sent -> recommendation produced (ms)", ylabel="recommendations",
            title="End-to-end latency")
-    ax.grid(alpha=0.3)
-    paths["latency"] = out / "latency.png"
-    fig.tight_layout()
-    fig.savefig(paths["latency"])
-    plt.close(fig)
+    paths["latency"] = _save(fig, ax, out / "latency.png")
 
     fig, ax = plt.subplots(**FIGURE)
     ax.plot(_clock(series["throughput"]["t"], origin), series["throughput"]["per_s"],
@@ -75,11 +75,7 @@ def figures(series: dict, out: Path) -> dict[str, Path]:
     _mark_versions(ax, series["versions"], origin)
     ax.set(xlabel="seconds since the first recommendation", ylabel="recommendations / s",
            title="Throughput")
-    ax.grid(alpha=0.3)
-    paths["throughput"] = out / "throughput.png"
-    fig.tight_layout()
-    fig.savefig(paths["throughput"])
-    plt.close(fig)
+    paths["throughput"] = _save(fig, ax, out / "throughput.png")
     return paths
 
 

@@ -5,8 +5,9 @@
    from its send to the announcement of the first version that trained on it (announcements
    carry `trained_through`, the newest event a round trained on).
 2. Scorer throughput during swaps: one worker drains a backlog of --events clicks (a) with no
-   announcement, (b) with a new version announced every --swap-every-s, states rebuilt from
-   the users' histories after each swap (default), (c) the same with the states kept.
+   announcement, and with a fine-tuned child version announced every --swap-every-s and the
+   states (b) rebuilt from the users' histories after every version, (c) kept while they were
+   started by one of the last 5 ancestors (the worker's default), (d) never rebuilt.
 
     .venv/bin/python bench/model_updates.py [--seconds 120] [--rate 100] [--events 20000]
 """
@@ -132,11 +133,10 @@ def freshness(bootstrap, tmp, checkpoint, args):
             "s between versions": float(gaps.mean()) if len(gaps) else None}
 
 
-def drain_rate(bootstrap, tmp, checkpoint, args, swap_every_s: float, keep_states: bool):
+def drain_rate(bootstrap, tmp, checkpoint, args, swap_every_s: float, extra: list[str]):
     name = uuid.uuid4().hex[:8]
     topics(bootstrap, name)
     store = ModelStore(tmp / f"store-{name}")
-    extra = ["--rebuild-states", "false"] if keep_states else []
     backlog = clicks(args.events, 2, "backlog")
     produce_clicks(bootstrap, f"in-{name}", backlog)
     worker = start(worker_args(bootstrap, checkpoint, name, store.root, tmp / f"w-{name}", extra),
@@ -146,7 +146,7 @@ def drain_rate(bootstrap, tmp, checkpoint, args, swap_every_s: float, keep_state
     def announce_versions():
         torch.manual_seed(1)
         model = build_model("mlsa4rec-s", N_ITEMS)
-        parent = None
+        parent = "start"                                   # the worker's first version
         while not stop.wait(swap_every_s):
             with torch.no_grad():                          # a "fine-tuned" version
                 model.item_embedding.weight.add_(0.001 * torch.randn_like(model.item_embedding.weight))
@@ -186,11 +186,15 @@ def main():
               flush=True)
         fresh = freshness(bootstrap, tmp, checkpoint, args) if args.seconds else None
         print("freshness:", json.dumps(fresh), flush=True)
-        rows = [("no swaps", drain_rate(bootstrap, tmp, checkpoint, args, 0, False)),
-                (f"a version every {args.swap_every_s:g} s, states rebuilt",
-                 drain_rate(bootstrap, tmp, checkpoint, args, args.swap_every_s, False)),
-                (f"a version every {args.swap_every_s:g} s, states kept",
-                 drain_rate(bootstrap, tmp, checkpoint, args, args.swap_every_s, True))]
+        every = f"a version every {args.swap_every_s:g} s"
+        runs = [("no swaps", 0, []),
+                (f"{every}, states rebuilt after every version", args.swap_every_s,
+                 ["--keep-states-for-versions", "0"]),
+                (f"{every}, states kept for 5 generations (default)", args.swap_every_s, []),
+                (f"{every}, states never rebuilt", args.swap_every_s,
+                 ["--rebuild-states", "false"])]
+        rows = [(label, drain_rate(bootstrap, tmp, checkpoint, args, every_s, extra))
+                for label, every_s, extra in runs]
     if fresh:
         print(f"\nfreshness ({fresh['events']} clicks at {args.rate:g}/s, a round every "
               f"{args.round_every_s:g} s): p50 {fresh['freshness p50 s']:.1f} s, "

@@ -99,7 +99,7 @@ class ScoringAgent:
         # One model thread: batches are scored in the order they came, off the event loop.
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="model")
         self.unwritten = UnwrittenRecords()
-        self._next_model = None                 # (model, item ids, version) to serve next
+        self._next_model = None                 # (model, item ids, version, parent) to serve next
         self._next_model_lock = threading.Lock()
         self.counts = {"events": 0, "applied": 0, "dead_letters": 0, "duplicates": 0,
                        "unknown_items": 0}
@@ -154,10 +154,14 @@ class ScoringAgent:
             log.error("injected fault: exiting at %s of batch %d", point, number)
             os._exit(70)
 
-    def serve_next(self, model, item_ids: list[str], version: str) -> None:
+    def serve_next(self, model, item_ids: list[str], version: str,
+                   parent: str | None = None) -> None:
         """Swap to this model before the next batch (any thread); a newer call wins."""
         with self._next_model_lock:
-            self._next_model = (model, item_ids, version)
+            skipped = self._next_model
+            if skipped is not None and parent == skipped[2]:
+                parent = skipped[3]       # its parent never served: the lineage goes through
+            self._next_model = (model, item_ids, version, parent)
 
     def score(self, events: list[Event], records, read_after: int, number: int) -> Scored:
         """The model thread's part of batch `number`, whose table reads show the writes of the

@@ -38,7 +38,8 @@ def build_scorer(cfg: StreamConfig) -> Scorer:
     model, payload = load_checkpoint(cfg.checkpoint, device=device)
     return Scorer(model, payload["item_ids"], payload["version"], device=device,
                   top_k=cfg.top_k, exclude_seen=cfg.exclude_seen,
-                  state_dtype=STATE_DTYPES[cfg.state_dtype], rebuild_states=cfg.rebuild_states)
+                  state_dtype=STATE_DTYPES[cfg.state_dtype], rebuild_states=cfg.rebuild_states,
+                  keep_states_for_versions=cfg.keep_states_for_versions)
 
 
 def create_app(cfg: StreamConfig, scorer: Scorer, metrics: WorkerMetrics | None = None):
@@ -122,8 +123,8 @@ def run_worker(cfg: StreamConfig) -> None:
         ensure_model_updates_topic(cfg.broker, cfg.model_updates_topic, cfg.replication)
         watcher = ModelWatcher(
             cfg.broker, cfg.model_updates_topic, ModelStore(cfg.model_store),
-            on_model=lambda model, payload, _: agent.serve_next(
-                model, payload["item_ids"], payload["version"]),
+            on_model=lambda model, payload, announcement: agent.serve_next(
+                model, payload["item_ids"], payload["version"], announcement.get("parent")),
             current_version=scorer.version, device=scorer.device,
             on_refused=lambda version, reason: metrics.model_refused.inc())
         watcher.start()

@@ -26,7 +26,8 @@ class StreamConfig:
     model_updates_topic: str = "model-updates"
     model_store: str = "runs/models"    # versions announced on model-updates live here
     follow_model_updates: bool = True
-    rebuild_states: bool = True         # rebuild a user's state made by an older version
+    rebuild_states: bool = True         # rebuild a user's state made by an older version...
+    keep_states_for_versions: int = 5   # ...unless by one of its last N ancestors (fine-tunes)
     device: str = "auto"
     threads: int = 0                    # torch CPU threads for the model; 0 = torch default
     data_dir: str = "runs/worker"       # RocksDB tables live here; one folder per worker

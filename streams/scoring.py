@@ -3,8 +3,8 @@
 No Kafka and no Faust here, so the whole batch cycle is testable without a broker; the agent
 (streams/agents.py) only moves bytes between topics, the table and this class.
 
-A user's stored record (`UserRecord`) holds the model version that made the state, the step
-state bytes (model/state.py), the partition offset and id of the last applied event (so a
+A user's stored record (`UserRecord`) holds the model version that started the state (built
+it from scratch or from the history), the step state bytes (model/state.py), the partition offset and id of the last applied event (so a
 replayed or duplicated event is not applied twice), and the last `history_len` raw item ids
 (to serve the window models, to exclude seen items, and to rebuild a state after a model
 change).
@@ -76,7 +76,8 @@ class Scorer:
 
     def __init__(self, model, item_ids: list[str], version: str, device="cpu", top_k: int = 10,
                  exclude_seen: bool = False, state_dtype=torch.float32,
-                 history_len: int = HISTORY_LEN, rebuild_states: bool = True):
+                 history_len: int = HISTORY_LEN, rebuild_states: bool = True,
+                 keep_states_for_versions: int = 0):
         self.model = model.to(device).eval()
         self.item_ids = list(item_ids)
         self.index = {raw: i for i, raw in enumerate(self.item_ids) if i > 0}
@@ -84,12 +85,25 @@ class Scorer:
         self.top_k, self.exclude_seen = top_k, exclude_seen
         self.state_dtype, self.history_len = state_dtype, history_len
         self.rebuild_states = rebuild_states
+        self.keep_states_for_versions = keep_states_for_versions
         self.template = model.init_state(1, device=self.device) if model.steppable else None
+        # Versions whose states this one keeps: itself (0) and its recent ancestors (1, 2, ...).
+        self.lineage = {version: 0}
 
-    def swap(self, model, item_ids: list[str], version: str) -> None:
-        """Serve another model version from the next batch on; states made by the old one
-        are rebuilt from their history when their user comes back (or kept, if
-        rebuild_states is off and the state layout is the same)."""
+    def swap(self, model, item_ids: list[str], version: str, parent: str | None = None) -> None:
+        """Serve another model version from the next batch on.
+
+        A state started by the new version's parent, or by one of its ancestors up to
+        `keep_states_for_versions` generations back, is kept: a fine-tuned child moves the
+        weights a little, and rebuilding every active user after every round would cost each
+        of them up to 50 steps. Older states, and states from another lineage (a new offline
+        model), are rebuilt from their history when their user comes back; none are if
+        rebuild_states is off."""
+        if parent is not None and parent == self.version:
+            self.lineage = {version: 0, **{v: age + 1 for v, age in self.lineage.items()
+                                           if age + 1 <= self.keep_states_for_versions}}
+        else:
+            self.lineage = {version: 0}
         self.model = model.to(self.device).eval()
         self.item_ids = list(item_ids)
         self.index = {raw: i for i, raw in enumerate(self.item_ids) if i > 0}
@@ -143,13 +157,17 @@ class Scorer:
         """One batched state, row i = users[i]: stored states unpacked in one call, the others
         rebuilt from their history (new user or new model version)."""
         if self.template is None:
+            for user in users:
+                records[user].model_version = self.version
             return None
         stored = [u for u in users if records[u].state and (
-            records[u].model_version == self.version or not self.rebuild_states)]
+            records[u].model_version in self.lineage or not self.rebuild_states)]
         if len(stored) == len(users):
             return states_from_bytes([records[u].state for u in users], self.template, self.device)
         unpacked = states_from_bytes([records[u].state for u in stored], self.template, self.device)
         others = [u for u in users if u not in set(stored)]
+        for user in others:
+            records[user].model_version = self.version
         rebuilt = self._rebuild([records[u].history for u in others])
         stats.rebuilt_states += sum(bool(records[u].history) for u in others)
         # Row order = users: stored rows first, then the rebuilt ones, then permute.
@@ -159,23 +177,15 @@ class Scorer:
                 for k in self.template}
 
     def _rebuild(self, histories: list[list[str]]):
-        """Fresh states advanced over the stored histories, all users together (a new user,
-        or a state made by another model version): one batched step per position, over the
-        rows whose history is that long."""
-        state = self.model.init_state(len(histories), device=self.device)
+        """States advanced over the stored histories (a new user, or a state made by another
+        model version), all users in one parallel prefill pass rather than one step per item."""
+        lengths = torch.tensor([len(h) for h in histories], device=self.device)
         longest = max((len(h) for h in histories), default=0)
-        for t in range(longest):
-            rows = [r for r, h in enumerate(histories) if len(h) > t]
-            items = torch.tensor([self.item_index(histories[r][t]) for r in rows],
-                                 device=self.device)
-            if len(rows) == len(histories):
-                state, _ = self.model.step(state, items)
-                continue
-            index = torch.tensor(rows, device=self.device)
-            stepped, _ = self.model.step({k: v.index_select(0, index) for k, v in state.items()},
-                                         items)
-            for k, v in stepped.items():
-                state[k].index_copy_(0, index, v)
+        items = torch.zeros(len(histories), max(longest, 1), dtype=torch.long)
+        for row, history in enumerate(histories):
+            items[row, :len(history)] = torch.tensor([self.item_index(i) for i in history],
+                                                     dtype=torch.long)
+        state, _ = self.model.prefill(items.to(self.device), lengths)
         return state
 
     def _advance(self, events: list[Event], records, states, row_of, stats):
@@ -187,7 +197,6 @@ class Scorer:
             record.last_offset = max(record.last_offset, event.offset)
             record.last_event_id = event.event_id
             record.events_applied += 1
-            record.model_version = self.version
             if index == OOV:
                 record.unknown_items += 1
                 stats.unknown_items += 1

@@ -7,6 +7,7 @@ import torch
 
 from model.checkpoint import load_checkpoint, save_checkpoint
 from model.models import MODELS, build_model
+from model.models.base import OOV
 from model.state import state_size, state_to_bytes, states_from_bytes
 
 N_ITEMS = 60
@@ -140,6 +141,37 @@ def test_mamba4rec_step_reproduces_forward():
         full = model.sequence_output(items)
     _, stepped = _step_all(model, items)
     assert (stepped - full).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("name", ["mlsa4rec-s", "mamba4rec"])
+def test_prefill_reaches_the_state_that_stepping_reaches(name):
+    """Rows of different lengths (0, 1, 3 and 50, one with an unknown item): the parallel
+    prefill gives each row the state and output of stepping its valid items, and stepping on
+    from either state gives the same next output."""
+    torch.manual_seed(0)
+    model = build_model(name, n_items=N_ITEMS).eval()
+    lengths = torch.tensor([0, 1, 3, 50])
+    items = torch.randint(1, N_ITEMS, (4, 50), generator=torch.Generator().manual_seed(5))
+    items[2, 1] = OOV
+    items[torch.arange(50) >= lengths.view(-1, 1)] = 0                     # right padding
+    state, user_repr = model.prefill(items, lengths)
+    stepped, stepped_repr = model.init_state(4), torch.zeros(4, model.config.hidden)
+    for row, length in enumerate(lengths.tolist()):
+        one = model.init_state(1)
+        for t in range(length):
+            one, out = model.step(one, items[row, t:t + 1])
+            stepped_repr[row] = out[0]
+        for key in stepped:
+            stepped[key][row] = one[key][0]
+    assert set(state) == set(stepped)
+    for key in stepped:
+        assert state[key].shape == stepped[key].shape, key
+        assert torch.allclose(state[key], stepped[key], atol=1e-4, rtol=1e-4), key
+    assert (user_repr[1:] - stepped_repr[1:]).abs().max() <= 1e-4
+    after = torch.randint(1, N_ITEMS, (4,), generator=torch.Generator().manual_seed(6))
+    _, next_from_prefill = model.step(state, after)
+    _, next_from_steps = model.step(stepped, after)
+    assert (next_from_prefill - next_from_steps).abs().max() <= 1e-4
 
 
 # ------------------------------------------------------------------------ state bytes

@@ -3,6 +3,8 @@ show yet (streams/pipeline.py), in the orders the agent can produce."""
 
 import pytest
 
+from streams.agents import ScoringAgent
+from streams.config import StreamConfig
 from streams.pipeline import UnwrittenRecords
 from streams.scoring import Scorer, UserRecord
 from tests.test_scoring import ITEM_IDS, make_events, run_in_batches, small_model
@@ -50,3 +52,14 @@ def test_an_entry_is_kept_while_a_batch_may_have_read_around_its_write():
     fresh = {"u": UserRecord(last_offset=5)}
     assert unwritten.overlay(fresh, read_after=4)["u"] is fresh["u"]
     assert len(unwritten) == 0
+
+
+def test_versions_announced_between_two_batches_keep_the_lineage():
+    """v2 (child of v1) and v3 (child of v2) both arrive before the next batch: only v3 is
+    served, and states started by v1 are still those of an ancestor (kept, not rebuilt)."""
+    scorer = Scorer(small_model(), ITEM_IDS, "v1", keep_states_for_versions=5)
+    agent = ScoringAgent(StreamConfig(), scorer, None, None, None)
+    agent.serve_next(small_model(), ITEM_IDS, "v2", parent="v1")
+    agent.serve_next(small_model(), ITEM_IDS, "v3", parent="v2")
+    agent.score([], {}, read_after=0, number=0)
+    assert scorer.version == "v3" and scorer.lineage == {"v3": 0, "v1": 1}

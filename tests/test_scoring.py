@@ -109,6 +109,45 @@ def test_a_state_from_another_model_version_is_rebuilt_from_the_history():
     assert [ITEM_IDS.index(i["item_id"]) for i in recs[0]["items"]] == top
 
 
+def test_states_of_recent_ancestors_are_kept_and_others_rebuilt():
+    """keep_states_for_versions=2: after a swap to a fine-tuned child (parent = the serving
+    version) the states go on; two generations later still; at the third they are rebuilt once
+    (and belong to the new version from then on); a version from another lineage rebuilds."""
+    model = small_model()
+    events = make_events(n_users=3, per_user=5)
+    scorer = Scorer(model, ITEM_IDS, "v1", keep_states_for_versions=2)
+    table, _ = run_in_batches(scorer, events[:3], 100)
+
+    def next_batch(start):
+        records = {e.user_id: UserRecord.from_bytes(table[e.user_id])
+                   for e in events[start:start + 3]}
+        updated, recs, stats = scorer.process(events[start:start + 3], records)
+        table.update({u: r.to_bytes() for u, r in updated.items()})
+        return stats, {r.model_version for r in updated.values()}, recs
+
+    scorer.swap(model, ITEM_IDS, "v2", parent="v1")
+    stats, started_by, recs = next_batch(3)
+    assert stats.rebuilt_states == 0 and started_by == {"v1"}
+    assert {r["model_version"] for r in recs} == {"v2"}       # made by the serving weights
+    scorer.swap(model, ITEM_IDS, "v3", parent="v2")
+    assert next_batch(6)[0].rebuilt_states == 0                # v1 is 2 generations back
+    scorer.swap(model, ITEM_IDS, "v4", parent="v3")
+    stats, started_by, _ = next_batch(9)
+    assert stats.rebuilt_states == 3 and started_by == {"v4"}  # v1 is 3 back: rebuilt
+    scorer.swap(model, ITEM_IDS, "other", parent="someone-else")
+    assert next_batch(12)[0].rebuilt_states == 3
+
+
+def test_keep_states_for_versions_zero_rebuilds_after_every_swap():
+    model = small_model()
+    events = make_events(n_users=2, per_user=2)
+    scorer = Scorer(model, ITEM_IDS, "v1")
+    table, _ = run_in_batches(scorer, events[:2], 100)
+    scorer.swap(model, ITEM_IDS, "v2", parent="v1")
+    records = {e.user_id: UserRecord.from_bytes(table[e.user_id]) for e in events[2:]}
+    assert scorer.process(events[2:], records)[2].rebuilt_states == 2
+
+
 def test_half_precision_state_storage_keeps_the_ranking():
     model = small_model()
     events = make_events(n_users=3, per_user=30)

@@ -118,6 +118,23 @@ class CausalLowRankAttention(_LowRankBase):
         pooled_v = prefix_softmax_pool(v @ self.theta_v, v)
         return self._finish(self._attend(q, pooled_k, pooled_v), x)
 
+    @torch.no_grad()
+    def prefill(self, x: torch.Tensor, lengths: torch.Tensor):
+        """`forward` over right-padded rows, plus the `step` state after each row's last valid
+        position: the running sums computed at once, over the valid positions only."""
+        state = {}
+        valid = (torch.arange(x.shape[1], device=x.device) < lengths.view(-1, 1)).unsqueeze(-1)
+        for name, proj, theta in (("k", self.key, self.theta_k), ("v", self.value, self.theta_v)):
+            values = proj(x)
+            logits = (values @ theta).masked_fill(~valid, -torch.inf)     # (b, l, P)
+            running_max = logits.max(dim=1).values                         # -inf: empty row
+            # where(), not a product: an empty row has exp(-inf - -inf) = nan, never picked.
+            weights = torch.where(valid, torch.exp(logits - running_max.unsqueeze(1)), 0.0)
+            state[f"max_{name}"] = running_max
+            state[f"norm_{name}"] = weights.sum(dim=1)
+            state[f"sum_{name}"] = weights.transpose(1, 2) @ values        # (b, P, d)
+        return self(x), state
+
     def allocate_inference_cache(self, batch_size: int, device=None, dtype=torch.float32):
         """Running max, normaliser and weighted sum per interest, for keys and for values."""
         device = device or self.theta_k.device

@@ -64,9 +64,24 @@ class Mamba(nn.Module):
     # -- full sequence -------------------------------------------------------------------
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """hidden_states: (batch, length, d_model) -> same shape."""
+        return self._parallel(hidden_states)[0]
+
+    @torch.no_grad()
+    def prefill(self, hidden_states: torch.Tensor, lengths: torch.Tensor):
+        """The parallel forward that also returns the step caches after each row's last valid
+        position: (output, conv_state, ssm_state), equal to `step` over positions 0..len-1.
+        Rows are right-padded; `lengths` (batch,) counts each row's valid positions."""
+        return self._parallel(hidden_states, lengths)
+
+    def _parallel(self, hidden_states: torch.Tensor, lengths: torch.Tensor | None = None):
         length = hidden_states.shape[1]
         xz = self.in_proj(hidden_states).transpose(1, 2)          # (b, 2*d_inner, l)
         x, z = xz.chunk(2, dim=1)
+        conv_state = None
+        if lengths is not None:    # the last d_conv conv inputs of each row, zeros before it
+            padded = F.pad(x, (self.d_conv, 0))
+            index = lengths.view(-1, 1, 1) + torch.arange(self.d_conv, device=x.device)
+            conv_state = padded.gather(2, index.expand(-1, self.d_inner, -1)).contiguous()
         A = -torch.exp(self.A_log.float())
         on_kernels = self.use_kernels and x.is_cuda and _cuda_selective_scan is not None
         if on_kernels and _cuda_causal_conv1d is not None:
@@ -79,9 +94,19 @@ class Mamba(nn.Module):
         delta = (dt @ self.dt_proj.weight.t()).transpose(1, 2)    # bias goes in as delta_bias
         B, C = B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous()
         scan = _cuda_selective_scan if on_kernels else selective_scan_cpu
-        y = scan(x.contiguous(), delta.contiguous(), A, B, C, self.D.float(), z=z.contiguous(),
-                 delta_bias=self.dt_proj.bias.float(), delta_softplus=True)
-        return self.out_proj(y.transpose(1, 2))
+        if lengths is None:
+            y = scan(x.contiguous(), delta.contiguous(), A, B, C, self.D.float(),
+                     z=z.contiguous(), delta_bias=self.dt_proj.bias.float(),
+                     delta_softplus=True)
+            return self.out_proj(y.transpose(1, 2)), None, None
+        # delta = 0 past a row's end makes exp(delta A) = 1 and delta B u = 0: the SSM state
+        # stops changing there, so the scan's last state is the state after the last valid item.
+        delta = F.softplus(delta + self.dt_proj.bias.float()[None, :, None])
+        valid = torch.arange(length, device=x.device) < lengths.view(-1, 1)
+        delta = delta * valid.unsqueeze(1)
+        y, ssm_state = scan(x.contiguous(), delta.contiguous(), A, B, C, self.D.float(),
+                            z=z.contiguous(), delta_softplus=False, return_last_state=True)
+        return self.out_proj(y.transpose(1, 2)), conv_state, ssm_state.float()
 
     # -- one token at a time -------------------------------------------------------------
     def allocate_inference_cache(self, batch_size: int, max_seqlen: int | None = None,

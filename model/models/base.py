@@ -8,7 +8,9 @@
 - `full_sort_scores(item_seq, item_seq_len)`: scores over all items, the pad item at -inf.
 - Causal models (`causal = True`) also have `init_state(batch)` and
   `step(state, item_ids) -> (state, user_repr)`; a state is a dict of tensors with the batch
-  on dim 0 (see model/state.py for bytes).
+  on dim 0 (see model/state.py for bytes). `prefill(item_seq, lengths) -> (state, user_repr)`
+  reaches the same state over a right-padded batch with the parallel forward (a state rebuilt
+  from a history: one pass instead of one step per item).
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from model.layers.mamba import Mamba
-from model.models.base import SequentialRecommender, init_normal
+from model.models.base import SequentialRecommender, gather_last, init_normal
 
 
 @dataclass
@@ -45,6 +45,10 @@ class Mamba4RecLayer(nn.Module):
     def step(self, x, conv_state, ssm_state):
         mixed, _, _ = self.mamba.step(x.unsqueeze(1), conv_state, ssm_state)
         return self._after_mamba(mixed.squeeze(1), x)
+
+    def prefill(self, x, lengths):
+        mixed, conv_state, ssm_state = self.mamba.prefill(x, lengths)
+        return self._after_mamba(mixed, x), conv_state, ssm_state
 
 
 class Mamba4Rec(SequentialRecommender):
@@ -84,3 +88,11 @@ class Mamba4Rec(SequentialRecommender):
         for i, layer in enumerate(self.layers):
             x = layer.step(x, state[f"layer{i}.conv"], state[f"layer{i}.ssm"])
         return state, x
+
+    @torch.no_grad()
+    def prefill(self, item_seq, lengths):
+        """(state, user_repr) after each right-padded row's first `lengths` items, in parallel."""
+        x, state = self._embed(item_seq), {}
+        for i, layer in enumerate(self.layers):
+            x, state[f"layer{i}.conv"], state[f"layer{i}.ssm"] = layer.prefill(x, lengths)
+        return state, gather_last(x, lengths)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from model.layers.lsa import CausalLowRankAttention, LowRankAttention
 from model.layers.mamba import Mamba
-from model.models.base import SequentialRecommender, init_recbole_kaiming
+from model.models.base import SequentialRecommender, gather_last, init_recbole_kaiming
 
 
 @dataclass
@@ -55,6 +55,10 @@ class MambaNormLayer(nn.Module):
         out, _, _ = self.mamba.step(x.unsqueeze(1), conv_state, ssm_state)
         return self.norm(self.dropout(out.squeeze(1)) + x)
 
+    def prefill(self, x, lengths):
+        out, conv_state, ssm_state = self.mamba.prefill(x, lengths)
+        return self.norm(self.dropout(out) + x), conv_state, ssm_state
+
 
 class MambaLSALayer(nn.Module):
     """The Mamba-LSA interaction layer: h, a, g, z above."""
@@ -85,6 +89,14 @@ class MambaLSALayer(nn.Module):
         lsa_state = {k[len(prefix) + 5:]: v for k, v in state.items()
                      if k.startswith(f"{prefix}.lsa.")}
         return self._combine(x0, h, self.lsa.step(h, lsa_state))
+
+    def prefill(self, x0, lengths, prefix: str):
+        """(output, state entries) after each row's valid positions, in parallel."""
+        h, conv_state, ssm_state = self.mamba.prefill(x0, lengths)
+        a, lsa_state = self.lsa.prefill(h, lengths)
+        state = {f"{prefix}.conv": conv_state, f"{prefix}.ssm": ssm_state,
+                 **{f"{prefix}.lsa.{k}": v for k, v in lsa_state.items()}}
+        return self._combine(x0, h, a), state
 
 
 class MLSA4Rec(SequentialRecommender):
@@ -144,3 +156,12 @@ class MLSA4RecS(MLSA4Rec):
         for i, layer in enumerate(self.mamba_layers):
             y = layer.step(y, state[f"mamba{i}.conv"], state[f"mamba{i}.ssm"])
         return state, y
+
+    @torch.no_grad()
+    def prefill(self, item_seq: torch.Tensor, lengths: torch.Tensor):
+        """The state `step` would reach over each right-padded row's first `lengths` items,
+        computed with the parallel forward; returns (state, user_repr at the last item)."""
+        y, state = self.interaction.prefill(self._embed(item_seq), lengths, "interaction")
+        for i, layer in enumerate(self.mamba_layers):
+            y, state[f"mamba{i}.conv"], state[f"mamba{i}.ssm"] = layer.prefill(y, lengths)
+        return state, gather_last(y, lengths)

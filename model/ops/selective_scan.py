@@ -65,6 +65,19 @@ class _SelectiveRecurrence(torch.autograd.Function):
         return grad_delta, grad_A.sum(0), grad_du, grad_B, grad_C, g
 
 
+def _recurrence_inference(delta, A, du, B, C, h0):
+    """The same recurrence without autograd: y_t = C_t . h_t as it goes, so the
+    (batch, length, dim, d_state) stack of states that backward needs is never written."""
+    batch, length, dim = delta.shape
+    y = delta.new_empty(length, batch, dim)     # time first: each y[t] is contiguous for bmm
+    h = h0.clone()
+    for t in range(length):
+        h.mul_(torch.exp(delta[:, t, :, None] * A))
+        h.addcmul_(du[:, t, :, None], B[:, t, None, :])
+        torch.bmm(h, C[:, t, :, None], out=y[t].unsqueeze(-1))
+    return y.transpose(0, 1), h
+
+
 def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None,
                        delta_softplus=False, return_last_state=False, initial_state=None):
     """Same arguments and result as mamba_ssm.ops.selective_scan_interface.selective_scan_fn."""
@@ -79,9 +92,11 @@ def selective_scan_cpu(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     du = (delta_t * u.transpose(1, 2)).contiguous()
     h0 = (initial_state.float() if initial_state is not None
           else u.new_zeros(batch, dim, A.shape[1]))
-    y, last_state = _SelectiveRecurrence.apply(
-        delta_t, A.contiguous(), du, B.transpose(1, 2).contiguous(),
-        C.transpose(1, 2).contiguous(), h0)
+    needs_grad = torch.is_grad_enabled() and any(
+        t.requires_grad for t in (u, delta, A, B, C, h0))
+    recurrence = _SelectiveRecurrence.apply if needs_grad else _recurrence_inference
+    y, last_state = recurrence(delta_t, A.contiguous(), du, B.transpose(1, 2).contiguous(),
+                               C.transpose(1, 2).contiguous(), h0)
     y = y.transpose(1, 2)                                # (b, d, l)
     if D is not None:
         y = y + u * D.float()[None, :, None]

@@ -178,14 +178,22 @@ class Scorer:
 
     def _rebuild(self, histories: list[list[str]]):
         """States advanced over the stored histories (a new user, or a state made by another
-        model version), all users in one parallel prefill pass rather than one step per item."""
-        lengths = torch.tensor([len(h) for h in histories], device=self.device)
-        longest = max((len(h) for h in histories), default=0)
-        items = torch.zeros(len(histories), max(longest, 1), dtype=torch.long)
-        for row, history in enumerate(histories):
-            items[row, :len(history)] = torch.tensor([self.item_index(i) for i in history],
-                                                     dtype=torch.long)
-        state, _ = self.model.prefill(items.to(self.device), lengths)
+        model version): fresh states, and those with a history in one parallel prefill pass
+        rather than one step per item."""
+        state = self.model.init_state(len(histories), device=self.device)
+        rows = [row for row, history in enumerate(histories) if history]
+        if not rows:                                    # new users only: nothing to replay
+            return state
+        longest = max(len(histories[row]) for row in rows)
+        items = torch.zeros(len(rows), longest, dtype=torch.long)
+        for i, row in enumerate(rows):
+            items[i, :len(histories[row])] = torch.tensor(
+                [self.item_index(raw) for raw in histories[row]], dtype=torch.long)
+        lengths = torch.tensor([len(histories[row]) for row in rows], device=self.device)
+        prefilled, _ = self.model.prefill(items.to(self.device), lengths)
+        index = torch.tensor(rows, device=self.device)
+        for key, value in prefilled.items():
+            state[key].index_copy_(0, index, value.to(state[key].dtype))
         return state
 
     def _advance(self, events: list[Event], records, states, row_of, stats):

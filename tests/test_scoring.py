@@ -109,6 +109,26 @@ def test_a_state_from_another_model_version_is_rebuilt_from_the_history():
     assert [ITEM_IDS.index(i["item_id"]) for i in recs[0]["items"]] == top
 
 
+def test_new_users_and_rebuilt_users_in_one_batch_equal_the_offline_model():
+    """One batch after a swap to an unrelated version: two users rebuilt from histories of
+    different lengths, and a new user; every top 10 equals stepping the user alone."""
+    model = small_model()
+    events = make_events(n_users=3, per_user=6)
+    seen = [e for e in events[:12] if e.user_id != "u2"]          # u2 is new after the swap
+    seen = [e for e in seen if not (e.user_id == "u1" and e.offset > 4)]
+    table, _ = run_in_batches(Scorer(model, ITEM_IDS, "v1"), seen, 100)
+    batch = [Event("u0", "item3", "x0", 0, 0, 100), Event("u1", "item7", "x1", 0, 0, 101),
+             Event("u2", "item9", "x2", 0, 0, 102)]
+    records = {e.user_id: (UserRecord.from_bytes(table[e.user_id]) if e.user_id in table
+                           else None) for e in batch}
+    _, recs, stats = Scorer(model, ITEM_IDS, "v2").process(batch, records)
+    assert stats.rebuilt_states == 2
+    for rec, event in zip(recs, batch):
+        items = [int(e.item_id[4:]) for e in seen if e.user_id == event.user_id]
+        top, _ = offline_top_k(model, items + [int(event.item_id[4:])])
+        assert [ITEM_IDS.index(i["item_id"]) for i in rec["items"]] == top, event.user_id
+
+
 def test_states_of_recent_ancestors_are_kept_and_others_rebuilt():
     """keep_states_for_versions=2: after a swap to a fine-tuned child (parent = the serving
     version) the states go on; two generations later still; at the third they are rebuilt once

@@ -29,7 +29,10 @@ class StreamConfig:
     rebuild_states: bool = True         # rebuild a user's state made by an older version...
     keep_states_for_versions: int = 5   # ...unless by one of its last N ancestors (fine-tunes)
     device: str = "auto"
-    threads: int = 0                    # torch CPU threads for the model; 0 = torch default
+    # torch CPU threads for the model; 0 = torch default (all cores). One: the event loop, the
+    # producer and (here) the broker need cores too, and scale-out is more workers; measured
+    # faster than the default on 2 cores (docs/RESULTS.md, section 4).
+    threads: int = 1
     data_dir: str = "runs/worker"       # RocksDB tables live here; one folder per worker
     table_cache_mb: int = 64            # RocksDB block cache per table partition
     table_write_buffer_mb: int = 16     # RocksDB write buffer (x2) per table partition

@@ -7,8 +7,11 @@ A round (every `round_every_events` events or `round_every_s` seconds):
   1. grow the item vocabulary for the new items seen (spare rows, model/vocab.py);
   2. fine-tune a copy of the serving model on sequences sampled from the buffer, held-out
      events cut off (model/finetune.py);
-  3. judge the copy and the serving model on the held-out events (NDCG@10);
-  4. publish the copy as a new version unless it is worse by more than `margin` (relative).
+  3. judge the copy, the serving model and the anchor (the version this trainer started from)
+     on the held-out events (NDCG@10);
+  4. publish the copy as a new version unless it is worse than the serving model or the anchor
+     by more than `margin` (relative). Judging against the serving model alone would let
+     small losses add up over many rounds: each version within the margin of the one before.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class RoundResult:
     published: dict | None        # the announcement, or None if the candidate was refused
     candidate: dict               # holdout metrics ({} if not judged)
     serving: dict
+    anchor: dict
     loss: float
     seconds: float
     new_items: int
@@ -45,6 +49,7 @@ class OnlineTrainer:
                  cfg: TrainerConfig, publish, device="cpu"):
         """publish(model, item_ids, metrics, parent, trained_through) -> announcement dict."""
         self.serving, self.version = model.to(device).eval(), version
+        self.anchor = copy.deepcopy(self.serving)
         self.item_ids = list(item_ids)
         self.index = {raw: i for i, raw in enumerate(self.item_ids) if i > 0}
         self.buffer, self.cfg, self.publish, self.device = buffer, cfg, publish, device
@@ -87,7 +92,7 @@ class OnlineTrainer:
                          FineTuneConfig(cfg.steps, cfg.batch_size, cfg.lr, max_len),
                          self.rng, self.device)
         examples = self.buffer.holdout_examples()
-        cand_metrics, serving_metrics, accept = {}, {}, True
+        cand_metrics, serving_metrics, anchor_metrics, accept = {}, {}, {}, True
         if len(examples) >= cfg.min_holdout:
             histories = [np.array([self._index_of(i) for i in h], dtype=np.int64)
                          for h, _ in examples]
@@ -95,9 +100,11 @@ class OnlineTrainer:
             n_known = len(self.item_ids)
             cand_metrics = next_item_metrics(candidate, histories, targets, n_known, max_len,
                                              self.device)
-            serving_metrics = next_item_metrics(self._grown(self.serving), histories, targets,
-                                                n_known, max_len, self.device)
-            accept = cand_metrics["ndcg@10"] >= serving_metrics["ndcg@10"] * (1 - cfg.margin)
+            serving_metrics, anchor_metrics = (
+                next_item_metrics(self._grown(model), histories, targets, n_known, max_len,
+                                  self.device) for model in (self.serving, self.anchor))
+            accept = all(cand_metrics["ndcg@10"] >= reference["ndcg@10"] * (1 - cfg.margin)
+                         for reference in (serving_metrics, anchor_metrics))
         # Nothing to train on (nan loss), or diverged: nothing worth publishing.
         if not np.isfinite(loss) or not all(torch.isfinite(p).all() for p in candidate.parameters()):
             accept = False
@@ -106,14 +113,16 @@ class OnlineTrainer:
         published = None
         if accept:
             metrics = {"holdout": cand_metrics, "serving_holdout": serving_metrics,
-                       "holdout_events": len(examples), "loss": loss}
+                       "anchor_holdout": anchor_metrics, "holdout_events": len(examples),
+                       "loss": loss}
             published = self.publish(candidate, self.item_ids, metrics, self.version,
                                      trained_through)
             self.serving, self.version = candidate.eval(), published["version"]
-        result = RoundResult(published, cand_metrics, serving_metrics, loss,
+        result = RoundResult(published, cand_metrics, serving_metrics, anchor_metrics, loss,
                              time.perf_counter() - started, self.new_items_since_round)
-        log.info("round: loss %.4f, holdout ndcg@10 %s vs serving %s (%d events), %d new items, "
-                 "%.1fs -> %s", loss, _fmt(cand_metrics), _fmt(serving_metrics), len(examples),
+        log.info("round: loss %.4f, holdout ndcg@10 %s vs serving %s, anchor %s (%d events), "
+                 "%d new items, %.1fs -> %s", loss, _fmt(cand_metrics), _fmt(serving_metrics),
+                 _fmt(anchor_metrics), len(examples),
                  self.new_items_since_round, result.seconds,
                  published["version"] if published else "refused, serving version kept")
         self.events_since_round, self.new_items_since_round = 0, 0
@@ -216,7 +225,8 @@ def run_trainer(cfg: TrainerConfig, stop=None) -> None:
                 result = trainer.run_round()
                 metrics.rounds.labels("published" if result.published else "refused").inc()
                 metrics.round_seconds.observe(result.seconds)
-                for name, values in (("candidate", result.candidate), ("serving", result.serving)):
+                for name, values in (("candidate", result.candidate), ("serving", result.serving),
+                                     ("anchor", result.anchor)):
                     if values:
                         metrics.holdout_ndcg.labels(name).set(values["ndcg@10"])
                 if result.published:

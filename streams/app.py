@@ -61,6 +61,7 @@ def create_app(cfg: StreamConfig, scorer: Scorer, metrics: WorkerMetrics | None 
         broker_session_timeout=cfg.session_timeout_s,
         broker_heartbeat_interval=cfg.session_timeout_s / 4,
     )
+    hold_events_until_streams_resume(app)
     interactions = raw_topic(app, cfg.interactions_topic, cfg.partitions)
     agent = ScoringAgent(
         cfg, scorer,
@@ -75,6 +76,30 @@ def create_app(cfg: StreamConfig, scorer: Scorer, metrics: WorkerMetrics | None 
         await agent.run(stream)
 
     return app, agent
+
+
+def hold_events_until_streams_resume(app) -> None:
+    """Keep events fetched at the end of a table recovery instead of losing them.
+
+    faust-streaming 0.15.3 ends a recovery (Recovery.on_recovery_completed) with: resume the
+    input partitions, seek them to the committed offsets, then `app.flow_control.resume()`,
+    which empties every stream queue. The consumer's flow is still on from reading the
+    changelog, so events fetched while the seek waits for the broker land in the agent's queue
+    and are then emptied away, with the consumer's position already past them (a seek to
+    "committed" does nothing where nothing was committed yet). The agent sees a batch or two,
+    then only what arrives later; the lost events are never acked, so the commits stop there
+    and only the next restart replays them (upstream issue faust-streaming/faust#596).
+
+    `on_rebalance_complete` is sent at the start of that step, before the input partitions
+    are resumed. Suspending flow control there makes such events wait at the queue's door
+    (Conductor.on_message waits for flow control) until the resume has emptied the queues;
+    then they go in. Some of them may come again after the seek: the records skip a replayed
+    offset. Every recovery that sends this signal resumes flow control afterwards (or a new
+    rebalance starts one that does).
+    """
+    @app.on_rebalance_complete.connect
+    def suspend_flow_until_resume(sender, **kwargs) -> None:
+        sender.flow_control.suspend()
 
 
 class ScorerWorker(faust.Worker):

@@ -121,13 +121,16 @@ def drain_by_event(bootstrap, topic, event_ids: set[str], timeout=300.0):
 
 def rebalance_pause(bootstrap, checkpoint, tmp, args):
     name = uuid.uuid4().hex[:8]
-    ensure_topics(bootstrap, {f"{t}-{name}": PARTITIONS for t in ("in", "out", "dlq")})
+    ensure_topics(bootstrap, {**{f"{t}-{name}": PARTITIONS for t in ("in", "out", "dlq")},
+                              f"warmup-{name}": 1})
     first = BenchWorker(bootstrap, checkpoint, name, tmp / f"a-{name}")
     second = BenchWorker(bootstrap, checkpoint, name, tmp / f"b-{name}")
     first.start()
     first.wait_healthy()
     events = clicks(int(args.rate * args.seconds), args.users, 3, "steady")
-    load = threading.Thread(target=produce, args=(bootstrap, f"in-{name}", events, args.rate))
+    # warmup topic: the load's producer connects before the clock starts for the first click
+    load = threading.Thread(target=produce, args=(bootstrap, f"in-{name}", events, args.rate,
+                                                  f"warmup-{name}"))
     started = time.time()
     load.start()
     time.sleep(args.join_at)
@@ -146,6 +149,11 @@ def rebalance_pause(bootstrap, checkpoint, tmp, args):
            "duplicate recommendations": duplicates,
            "steady p50 ms": float(np.percentile(steady, 50)),
            "steady p99 ms": float(np.percentile(steady, 99))}
+    print("click sent at (s from load start): p50 / max latency ms")
+    for start in range(0, int(args.seconds), 5):
+        bucket = latencies[(sent >= started + start) & (sent < started + start + 5)]
+        if len(bucket):
+            print(f"  {start:3d}-{start + 5:<3d} {np.percentile(bucket, 50):7.0f} {bucket.max():7.0f}")
     for label, at in (("join", joined), ("leave", left)):
         window = (sent >= at) & (sent < at + 20)
         slow = sent[window & (latencies > 1000)]

@@ -71,17 +71,22 @@ def produce(bootstrap, topic, events, rate=0.0, warmup_topic=None):
     producer.flush(60)
 
 
-def drain(bootstrap, topic, count, timeout=600.0):
+def drain(bootstrap, topic, count, timeout=600.0, alive=None):
     """Consume `count` recommendations; returns (their append times s, latencies ms).
 
     Times are the recommendation records' Kafka timestamps (set when the worker sends them), so
-    latency = recommendation sent - click sent, whenever this consumer happens to read it."""
+    latency = recommendation sent - click sent, whenever this consumer happens to read it.
+    alive() -> False (the worker has exited) stops the wait with an error."""
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": uuid.uuid4().hex,
                          "auto.offset.reset": "earliest"})
     consumer.subscribe([topic])
     received, latencies = [], []
     deadline = time.monotonic() + timeout
     while len(received) < count and time.monotonic() < deadline:
+        if alive is not None and not alive():
+            consumer.close()
+            raise RuntimeError(f"the worker exited after {len(received)} of {count} "
+                               "recommendations; see its log")
         for msg in consumer.consume(1000, 0.5):
             if msg.error():
                 continue
@@ -161,14 +166,15 @@ def measure(bootstrap, label, start_consumer, events, rate, worker: bool):
     produce(bootstrap, f"in-{name}", list(clicks(events, 1, "backlog")))
     started = time.time()
     proc = start_consumer(name)
-    received, _ = drain(bootstrap, f"out-{name}", events)
+    alive = (lambda: proc.poll() is None) if hasattr(proc, "poll") else None
+    received, _ = drain(bootstrap, f"out-{name}", events, alive=alive)
     # Throughput from the first to the last recommendation: excludes process start-up.
     received = np.sort(received)
     throughput = (len(received) - 1) / (received[-1] - received[0]) if len(received) > 1 else 0.0
     n_latency = max(200, int(rate * 10))
     produce(bootstrap, f"in-{name}", list(clicks(n_latency, 2, "steady")), rate=rate,
             warmup_topic=f"warmup-{name}")
-    times, latencies = drain(bootstrap, f"out-{name}", events + n_latency)
+    times, latencies = drain(bootstrap, f"out-{name}", events + n_latency, alive=alive)
     steady = latencies[np.argsort(times)][-n_latency:]
     result = {"label": label, "events/s": throughput, "p50 ms": float(np.percentile(steady, 50)),
               "p99 ms": float(np.percentile(steady, 99)), "startup s": received[0] - started}

@@ -46,6 +46,9 @@ class TrainConfig:
     # as the stream sees it, instead of windows of max_len; batches hold ~tokens_per_batch items.
     whole_sequences: bool = False
     tokens_per_batch: int = 3200
+    # Causal models: windows of max_len ending this far apart (0 = side by side); see
+    # causal_windows.
+    window_stride: int = 0
     progress: bool = True
 
 
@@ -62,16 +65,26 @@ def pad_right(sequences: list[np.ndarray], length: int) -> np.ndarray:
     return out
 
 
-def causal_windows(train: list[np.ndarray], max_len: int):
-    """(inputs, targets), both (n_windows, max_len), right-padded; target 0 = no loss."""
+def causal_windows(train: list[np.ndarray], max_len: int, stride: int = 0):
+    """(inputs, targets), both (n_windows, max_len), right-padded; target 0 = no loss.
+
+    stride 0 (or max_len): windows side by side, so a target near a window's start sees few
+    items before it. 0 < stride < max_len: windows end `stride` apart and each keeps only its
+    last `stride` targets (the first window of a sequence keeps all of its own), so every
+    target is still counted once but, past a user's first items, with at least
+    max_len - stride items before it; costs max_len / stride times the windows."""
+    stride = stride if 0 < stride < max_len else max_len
     inputs, targets = [], []
     for seq in train:
         end = len(seq) - 1                    # the last item is only a target
         while end > 0:
             start = max(0, end - max_len)
+            target = seq[start + 1:end + 1].copy()
+            if start > 0:                     # the earlier targets belong to earlier windows
+                target[:len(target) - stride] = 0
             inputs.append(seq[start:end])
-            targets.append(seq[start + 1:end + 1])
-            end = start
+            targets.append(target)
+            end = end - stride if start > 0 else 0
     return pad_right(inputs, max_len), pad_right(targets, max_len)
 
 
@@ -163,7 +176,7 @@ def train(model, data: SequenceData, cfg: TrainConfig, log=print) -> TrainResult
         n_samples = sum(len(b[0]) for b in fixed)
     else:
         if model.causal:
-            inputs, targets = causal_windows(train_seqs, cfg.max_len)
+            inputs, targets = causal_windows(train_seqs, cfg.max_len, cfg.window_stride)
             lengths = (inputs > 0).sum(1)
         else:
             inputs, lengths, targets = prefix_windows(train_seqs, cfg.max_len)

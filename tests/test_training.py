@@ -87,6 +87,24 @@ def unique_sequences(lengths):
 LENGTHS = [1, 2, 5, 7, 8, 9, 15, 17, 23]
 
 
+@pytest.mark.parametrize("max_len, stride", [(4, 1), (8, 3), (8, 4)])
+def test_overlapping_causal_windows_count_each_target_once_with_context(max_len, stride):
+    seqs = unique_sequences(LENGTHS)
+    inputs, targets = causal_windows(seqs, max_len, stride)
+    expected_targets = sorted(int(x) for s in seqs for x in s[1:])
+    got = sorted(int(x) for x in targets[targets > 0])
+    assert got == expected_targets                       # each exactly once
+    valid = targets > 0
+    assert np.array_equal(targets[valid], inputs[valid] + 1)   # target = next of that input
+    assert not (valid & (inputs == 0)).any()
+    # a target sees max_len - stride items or more before it, unless fewer exist in its user
+    starts = {int(s[0]) for s in seqs}
+    for row_inputs, row_targets in zip(inputs, targets):
+        first = int(row_inputs[0])
+        for position in np.flatnonzero(row_targets):
+            assert position + 1 >= max_len - stride + 1 or first in starts
+
+
 @pytest.mark.parametrize("max_len", [1, 4, 8])
 def test_causal_windows_cover_every_target_once(max_len):
     seqs = unique_sequences(LENGTHS)

@@ -4,10 +4,10 @@ No Kafka and no Faust here, so the whole batch cycle is testable without a broke
 (streams/agents.py) only moves bytes between topics, the table and this class.
 
 A user's stored record (`UserRecord`) holds the model version that started the state (built
-it from scratch or from the history), the step state bytes (model/state.py), the partition offset and id of the last applied event (so a
-replayed or duplicated event is not applied twice), and the last `history_len` raw item ids
-(to serve the window models, to exclude seen items, and to rebuild a state after a model
-change).
+it from scratch or from the history), the step state bytes (model/state.py), the partition
+offset and id of the last applied event (so a replayed or duplicated event is not applied
+twice), and the last `history_len` raw item ids (to serve the window models, to exclude seen
+items, and to rebuild a state after a model change).
 """
 
 from __future__ import annotations
@@ -165,7 +165,8 @@ class Scorer:
         if len(stored) == len(users):
             return states_from_bytes([records[u].state for u in users], self.template, self.device)
         unpacked = states_from_bytes([records[u].state for u in stored], self.template, self.device)
-        others = [u for u in users if u not in set(stored)]
+        kept = set(stored)
+        others = [u for u in users if u not in kept]
         for user in others:
             records[user].model_version = self.version
         rebuilt = self._rebuild([records[u].history for u in others])
@@ -184,13 +185,8 @@ class Scorer:
         rows = [row for row, history in enumerate(histories) if history]
         if not rows:                                    # new users only: nothing to replay
             return state
-        longest = max(len(histories[row]) for row in rows)
-        items = torch.zeros(len(rows), longest, dtype=torch.long)
-        for i, row in enumerate(rows):
-            items[i, :len(histories[row])] = torch.tensor(
-                [self.item_index(raw) for raw in histories[row]], dtype=torch.long)
-        lengths = torch.tensor([len(histories[row]) for row in rows], device=self.device)
-        prefilled, _ = self.model.prefill(items.to(self.device), lengths)
+        items, lengths = self._padded([histories[row] for row in rows])
+        prefilled, _ = self.model.prefill(items, lengths)
         index = torch.tensor(rows, device=self.device)
         for key, value in prefilled.items():
             state[key].index_copy_(0, index, value.to(state[key].dtype))
@@ -236,12 +232,17 @@ class Scorer:
     def _window_repr(self, histories: list[list[str]]):
         """Window models (paper MLSA4Rec, SASRec): recompute over the last max_len items."""
         max_len = self.model.config.max_len
-        windows = [[self.item_index(raw) for raw in h[-max_len:]] for h in histories]
-        seq = torch.zeros(len(windows), max_len, dtype=torch.long, device=self.device)
-        for row, window in enumerate(windows):
-            seq[row, :len(window)] = torch.tensor(window, device=self.device)
-        lengths = torch.tensor([len(w) for w in windows], device=self.device)
-        return self.model(seq, lengths)
+        return self.model(*self._padded([h[-max_len:] for h in histories], width=max_len))
+
+    def _padded(self, histories: list[list[str]], width: int = 0):
+        """Raw item ids -> (right-padded item indices (rows, width or the longest), lengths)."""
+        width = width or max((len(h) for h in histories), default=1)
+        items = torch.zeros(len(histories), width, dtype=torch.long)
+        for row, history in enumerate(histories):
+            items[row, :len(history)] = torch.tensor([self.item_index(raw) for raw in history],
+                                                     dtype=torch.long)
+        lengths = torch.tensor([len(h) for h in histories], device=self.device)
+        return items.to(self.device), lengths
 
     def _recommendation(self, event: Event, items, scores, produced_at: int) -> dict:
         return {

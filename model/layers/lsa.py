@@ -113,7 +113,9 @@ class CausalLowRankAttention(_LowRankBase):
         return context.reshape(*context.shape[:-2], self.hidden)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q, k, v = self.query(x), self.key(x), self.value(x)
+        return self._forward(x, self.query(x), self.key(x), self.value(x))
+
+    def _forward(self, x, q, k, v):
         pooled_k = prefix_softmax_pool(k @ self.theta_k, k)
         pooled_v = prefix_softmax_pool(v @ self.theta_v, v)
         return self._finish(self._attend(q, pooled_k, pooled_v), x)
@@ -122,10 +124,9 @@ class CausalLowRankAttention(_LowRankBase):
     def prefill(self, x: torch.Tensor, lengths: torch.Tensor):
         """`forward` over right-padded rows, plus the `step` state after each row's last valid
         position: the running sums computed at once, over the valid positions only."""
-        state = {}
+        state, k, v = {}, self.key(x), self.value(x)
         valid = (torch.arange(x.shape[1], device=x.device) < lengths.view(-1, 1)).unsqueeze(-1)
-        for name, proj, theta in (("k", self.key, self.theta_k), ("v", self.value, self.theta_v)):
-            values = proj(x)
+        for name, values, theta in (("k", k, self.theta_k), ("v", v, self.theta_v)):
             logits = (values @ theta).masked_fill(~valid, -torch.inf)     # (b, l, P)
             running_max = logits.max(dim=1).values                         # -inf: empty row
             # where(), not a product: an empty row has exp(-inf - -inf) = nan, never picked.
@@ -133,7 +134,7 @@ class CausalLowRankAttention(_LowRankBase):
             state[f"max_{name}"] = running_max
             state[f"norm_{name}"] = weights.sum(dim=1)
             state[f"sum_{name}"] = weights.transpose(1, 2) @ values        # (b, P, d)
-        return self(x), state
+        return self._forward(x, self.query(x), k, v), state
 
     def allocate_inference_cache(self, batch_size: int, device=None, dtype=torch.float32):
         """Running max, normaliser and weighted sum per interest, for keys and for values."""

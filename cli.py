@@ -61,14 +61,15 @@ def cmd_demo(args) -> int:
 
 def cmd_evaluate(args) -> int:
     from model.checkpoint import load_checkpoint
-    from model.data.protocol import load_interactions, prepare, split_leave_one_out
+    from model.data.protocol import prepare_for_run, split_leave_one_out
     from model.metrics import format_table
     from model.training import evaluate, pick_device
 
     device = pick_device(args.device)
     model, payload = load_checkpoint(args.checkpoint, device=device)
-    dataset = args.dataset or payload["metrics"]["train_config"]["dataset"]
-    data = prepare(load_interactions(dataset))
+    run = payload["metrics"]["train_config"]
+    dataset = args.dataset or run["dataset"]
+    data = prepare_for_run({**run, "dataset": dataset})
     if data.item_ids != payload["item_ids"]:
         raise SystemExit(f"{args.checkpoint} was trained on another item set than {dataset}")
     max_len = 0 if args.whole_history else payload["config"].get("max_len", 50)

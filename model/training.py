@@ -42,6 +42,8 @@ class TrainConfig:
     checkpoint: str = ""          # where to save; "" = runs/<dataset>-<model>.pt
     init_from: str = ""           # start from this checkpoint's weights (continue a run)
     before: str = ""              # train on the log before this time only (seconds or ISO 8601)
+    k_core: int = 5               # users and items with fewer events are dropped, iteratively
+    min_rating: float = 0.0       # events rated below this are dropped first (0 = keep all)
     # Causal models: train on each user's whole sequence and evaluate on the whole history,
     # as the stream sees it, instead of windows of max_len; batches hold ~tokens_per_batch items.
     whole_sequences: bool = False
@@ -243,14 +245,10 @@ def train_to_checkpoint(cfg: TrainConfig, model_overrides: dict | None = None, l
     from pathlib import Path
 
     from model.checkpoint import load_checkpoint, save_checkpoint
-    from model.data.protocol import load_interactions, prepare, until
-    from model.data.userlog import parse_timestamp
+    from model.data.protocol import prepare_for_run
     from model.models import build_model
 
-    inter = load_interactions(cfg.dataset)
-    if cfg.before:
-        inter = until(inter, parse_timestamp(cfg.before))
-    data = prepare(inter)
+    data = prepare_for_run(asdict(cfg))
     model = build_model(cfg.model, data.n_items, {"max_len": cfg.max_len, **(model_overrides or {})})
     if cfg.init_from:
         start, payload = load_checkpoint(cfg.init_from)

@@ -103,6 +103,30 @@ def test_leave_one_out():
     assert valid.targets.dtype == np.int64 and a.dtype == np.int64
 
 
+def rated(rows):
+    """rows: (user, item, timestamp, rating)."""
+    base = inter([r[:3] for r in rows])
+    base.ratings = np.array([r[3] for r in rows], dtype=np.float64)
+    return base
+
+
+def test_min_rating_drops_low_ratings_before_the_k_core():
+    # b's rating-1 event on x is dropped first; that leaves x with 2 events, under the
+    # 3-core, so x goes, and then b (left with y alone) goes too.
+    rows = [("a", "x", 1, 5), ("a", "y", 2, 4), ("a", "z", 3, 4),
+            ("b", "x", 1, 1), ("b", "y", 2, 5), ("b", "z", 3, 4),
+            ("c", "x", 1, 3), ("c", "y", 2, 3), ("c", "z", 3, 3)]
+    assert prepare(rated(rows), 3, 3).n_interactions == 9            # no rating filter
+    assert prepare(rated(rows), 3, 3, min_rating=3).n_interactions == 0
+    kept = prepare(rated(rows), 2, 2, min_rating=3)
+    assert kept.n_interactions == 8 and kept.item_ids[1:] == ["x", "y", "z"]
+
+
+def test_min_rating_on_a_log_without_ratings_is_a_clear_error():
+    with pytest.raises(ValueError, match="needs ratings"):
+        prepare(inter([("a", "x", 1)]), 1, 1, min_rating=3)
+
+
 def test_leave_one_out_rejects_short_users():
     data = prepare(inter([("a", "x", 1), ("a", "y", 2)]), min_user_inter=1, min_item_inter=1)
     with pytest.raises(ValueError, match="at least 3"):
@@ -118,6 +142,9 @@ def test_parse_atomic_crlf_and_lf():
         assert list(got.items) == ["Movie, The (1999)", "x"]
         assert got.timestamps.dtype == np.float64
         np.testing.assert_array_equal(got.timestamps, [10.0, 9.5])
+        np.testing.assert_array_equal(got.ratings, [5.0, 3.0])
+    no_rating = parse_atomic_inter(b"user_id:token\titem_id:token\ttimestamp:float\nu\tx\t1\n")
+    assert no_rating.ratings is None
     with pytest.raises(ValueError, match="line 3"):
         parse_atomic_inter((head + "\nu1\tx\t1\t2\nu2\tbroken\n").encode())
 
@@ -269,6 +296,12 @@ def test_ml1m_real(cache_dir):
     train, valid, test = split_leave_one_out(data)
     assert len(train) == len(test.inputs) == 6_040
     assert all(np.all(np.diff(ts) >= 0) for ts in data.timestamps)
+    # RecBole's ML-1M benchmark tables: ratings >= 3, 10-core. RecBole reports 3,124 items
+    # counting its padding item, and 834,449 interactions.
+    benchmark = prepare(raw, 10, 10, min_rating=3)
+    assert benchmark.n_interactions == 834_449
+    assert benchmark.n_items - 1 == 3_123
+    assert benchmark.n_users == 6_033
 
 
 def test_ml100k_real(cache_dir):

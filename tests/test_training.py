@@ -248,6 +248,25 @@ def test_cli_train_then_evaluate(tmp_path, clean_env, capsys):
     assert hr10 == pytest.approx(run["test"]["hr@10"], abs=1e-4)
 
 
+def test_cli_evaluate_uses_the_filters_the_checkpoint_was_trained_with(tmp_path, clean_env,
+                                                                       capsys):
+    dataset = tmp_path / "log.csv"
+    write_log(dataset)
+    with open(dataset, "a", newline="") as f:            # an item with 3 events only
+        csv.writer(f).writerows([[f"u{u}", "rare", 2_000_000 + u] for u in range(3)])
+    ckpt = tmp_path / "m.pt"
+    common = ["--progress", "false", "--threads", "1", "--device", "cpu"]
+    assert cli.main(["train", "--dataset", str(dataset), "--epochs", "1", "--k-core", "3",
+                     "--checkpoint", str(ckpt), *common]) == 0
+    assert "rare" in load_checkpoint(ckpt)[1]["item_ids"]
+    # with the default 5-core "rare" would be dropped and the item sets would differ
+    assert cli.main(["evaluate", str(ckpt), "--device", "cpu"]) == 0
+    assert "test" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="needs ratings"):  # a CSV log has no ratings
+        cli.main(["train", "--dataset", str(dataset), "--epochs", "1", "--min-rating", "3",
+                  "--checkpoint", str(tmp_path / "n.pt"), *common])
+
+
 def test_cli_set_rejects_missing_value(tmp_path, clean_env):
     dataset = tmp_path / "log.csv"
     write_log(dataset)

@@ -26,6 +26,7 @@ class Interactions:
     users: np.ndarray  # object array of str
     items: np.ndarray  # object array of str
     timestamps: np.ndarray  # float64 seconds
+    ratings: np.ndarray | None = None  # float64, where the source has them (MovieLens)
 
     def __len__(self) -> int:
         return len(self.users)
@@ -123,7 +124,11 @@ def parse_atomic_inter(raw: bytes) -> Interactions:
     users = np.array(fields[iu::ncol], dtype=object)
     items = np.array(fields[ii::ncol], dtype=object)
     timestamps = np.array(list(map(float, fields[it::ncol])), dtype=np.float64)
-    return Interactions(users, items, timestamps)
+    ratings = None
+    if "rating" in header:
+        ratings = np.array(list(map(float, fields[header.index("rating")::ncol])),
+                           dtype=np.float64)
+    return Interactions(users, items, timestamps, ratings)
 
 
 def load_movielens(name: str, cache_dir: str | os.PathLike | None = None) -> Interactions:

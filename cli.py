@@ -60,18 +60,18 @@ def cmd_demo(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from model.checkpoint import load_checkpoint
-    from model.data.protocol import prepare_for_run, split_leave_one_out
+    from model.checkpoint import checkpoint_data, load_checkpoint
+    from model.data.protocol import split_leave_one_out
     from model.metrics import format_table
     from model.training import evaluate, pick_device
 
     device = pick_device(args.device)
     model, payload = load_checkpoint(args.checkpoint, device=device)
-    run = payload["metrics"]["train_config"]
-    dataset = args.dataset or run["dataset"]
-    data = prepare_for_run({**run, "dataset": dataset})
-    if data.item_ids != payload["item_ids"]:
-        raise SystemExit(f"{args.checkpoint} was trained on another item set than {dataset}")
+    dataset = args.dataset or payload["metrics"]["train_config"]["dataset"]
+    try:
+        data = checkpoint_data(payload, dataset)
+    except ValueError as exc:
+        raise SystemExit(f"{args.checkpoint}: {exc}")
     max_len = 0 if args.whole_history else payload["config"].get("max_len", 50)
     if args.whole_history and not model.causal:
         raise SystemExit(f"--whole-history needs a causal model, {payload['model']} is not")

@@ -33,13 +33,12 @@ from streams.topics import ensure_topics  # noqa: E402
 
 
 def offline_test_metrics(checkpoint: str, dataset: str) -> dict:
-    from model.checkpoint import load_checkpoint
-    from model.data.protocol import load_interactions, prepare, split_leave_one_out
+    from model.checkpoint import checkpoint_data, load_checkpoint
+    from model.data.protocol import split_leave_one_out
     from model.training import evaluate
 
     model, payload = load_checkpoint(checkpoint)
-    data = prepare(load_interactions(dataset))
-    assert data.item_ids == payload["item_ids"], "checkpoint trained on other items"
+    data = checkpoint_data(payload, dataset)
     _, _, test = split_leave_one_out(data)
     return evaluate(model, test, 0, "cpu")          # whole history
 

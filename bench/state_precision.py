@@ -10,8 +10,7 @@ import argparse
 
 import torch
 
-from model.checkpoint import load_checkpoint
-from model.data.protocol import prepare_for_run
+from model.checkpoint import checkpoint_data, load_checkpoint
 from model.state import state_to_bytes, states_from_bytes
 
 
@@ -23,7 +22,7 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(1)
     model, payload = load_checkpoint(args.checkpoint)
-    data = prepare_for_run(payload["metrics"]["train_config"])
+    data = checkpoint_data(payload)
     users = [s[:args.steps] for s in data.sequences[:args.users]]
     template = model.init_state(1)
     worst, top10_same, top1_same, total = 0.0, 0, 0, 0

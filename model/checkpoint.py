@@ -62,3 +62,16 @@ def load_checkpoint_bytes(data: bytes, device="cpu", expected_sha256: str | None
     model = build_model(payload["model"], n_items, config)
     model.load_state_dict(payload["state_dict"])
     return model.to(device).eval(), payload
+
+
+def checkpoint_data(payload: dict, dataset: str = ""):
+    """The data a checkpoint's run trained on (its dataset, or `dataset`, under the run's own
+    filters), checked to hold the checkpoint's item set."""
+    from model.data.protocol import prepare_for_run
+
+    run = payload["metrics"]["train_config"]
+    dataset = dataset or run["dataset"]
+    data = prepare_for_run({**run, "dataset": dataset})
+    if data.item_ids != payload["item_ids"]:
+        raise ValueError(f"the checkpoint was trained on another item set than {dataset}")
+    return data

@@ -111,8 +111,8 @@ def prepare(inter: Interactions, min_user_inter: int = 5, min_item_inter: int = 
             min_rating: float = 0.0) -> SequenceData:
     """Protocol: events rated below min_rating dropped (0 = keep all), then the iterative
     k-core, then each user's sequence in time order. RecBole's ML-1M benchmark table uses
-    min_rating 3 and a 10-core (6,040 users, 3,124 items, 834,449 interactions); the issue's
-    protocol keeps every rating with a 5-core."""
+    min_rating 3 and a 10-core (834,449 interactions, 3,123 items); the issue's protocol
+    keeps every rating with a 5-core."""
     if min_rating:
         inter = rated_at_least(inter, min_rating)
     user_codes, user_raw = first_use_codes(inter.users)

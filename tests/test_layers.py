@@ -171,39 +171,55 @@ def naive_prefix_pool(logits, values):
     return out
 
 
-def test_prefix_softmax_pool_paths_agree_with_naive(monkeypatch):
+def test_prefix_softmax_pool_one_block_and_many_blocks_agree_with_naive(monkeypatch):
     torch.manual_seed(2)
     logits, values = torch.randn(3, 12, 5), torch.randn(3, 12, 8)
-    assert 12 <= lsa_module.PAIRWISE_MAX_LEN
-    pairwise = prefix_softmax_pool(logits, values)
-    assert pairwise.shape == (3, 12, 5, 8)
+    assert 12 <= lsa_module.POOL_BLOCK
+    one_block = prefix_softmax_pool(logits, values)
+    assert one_block.shape == (3, 12, 5, 8)
     naive = naive_prefix_pool(logits, values)
-    torch.testing.assert_close(pairwise.double(), naive, rtol=1e-5, atol=1e-5)
-    monkeypatch.setattr(lsa_module, "PAIRWISE_MAX_LEN", 0)
-    running = prefix_softmax_pool(logits, values)
-    torch.testing.assert_close(running, pairwise, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(one_block.double(), naive, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(lsa_module, "POOL_BLOCK", 5)         # blocks of 5, 5 and 2
+    torch.testing.assert_close(prefix_softmax_pool(logits, values), one_block,
+                               rtol=1e-5, atol=1e-5)
     # position 0 pools only the first value
-    torch.testing.assert_close(pairwise[:, 0], values[:, :1].expand(-1, 5, -1))
+    torch.testing.assert_close(one_block[:, 0], values[:, :1].expand(-1, 5, -1))
 
 
-@pytest.mark.parametrize("pairwise", [True, False])
-def test_prefix_softmax_pool_large_logit_spread(monkeypatch, pairwise):
+@pytest.mark.parametrize("block", [64, 4])
+def test_prefix_softmax_pool_large_logit_spread(monkeypatch, block):
     torch.manual_seed(4)
     logits, values = torch.randn(2, 30, 4) * 50, torch.randn(2, 30, 6)
-    if not pairwise:
-        monkeypatch.setattr(lsa_module, "PAIRWISE_MAX_LEN", 0)
+    monkeypatch.setattr(lsa_module, "POOL_BLOCK", block)
     pooled = prefix_softmax_pool(logits, values)
     assert torch.isfinite(pooled).all()
     torch.testing.assert_close(pooled.double(), naive_prefix_pool(logits, values),
                                rtol=1e-5, atol=1e-5)
 
 
-def test_prefix_softmax_pool_long_sequence_uses_running_sums_correctly():
+def test_prefix_softmax_pool_long_sequence_carries_sums_across_blocks():
     torch.manual_seed(6)
-    length = lsa_module.PAIRWISE_MAX_LEN + 16
+    length = 3 * lsa_module.POOL_BLOCK + 16                   # a window of 208: four blocks
     logits, values = torch.randn(1, length, 3) * 5, torch.randn(1, length, 4)
     torch.testing.assert_close(prefix_softmax_pool(logits, values).double(),
                                naive_prefix_pool(logits, values), rtol=1e-5, atol=1e-5)
+
+
+def test_prefix_softmax_pool_gradients_match_naive_across_blocks(monkeypatch):
+    monkeypatch.setattr(lsa_module, "POOL_BLOCK", 4)
+    torch.manual_seed(7)
+    logits = (torch.randn(2, 11, 3) * 3).requires_grad_()
+    values = torch.randn(2, 11, 5).requires_grad_()
+    weights = torch.randn(2, 11, 3, 5, dtype=torch.float64)
+    got = torch.autograd.grad((prefix_softmax_pool(logits, values).double() * weights).sum(),
+                              (logits, values))
+    logits64 = logits.detach().double().requires_grad_()
+    values64 = values.detach().double().requires_grad_()
+    naive = torch.stack([torch.einsum("bsp,bsd->bpd", torch.softmax(logits64[:, :t + 1], dim=1),
+                                      values64[:, :t + 1]) for t in range(11)], dim=1)
+    want = torch.autograd.grad((naive * weights).sum(), (logits64, values64))
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-5)
 
 
 def test_causal_low_rank_attention_step_equals_forward():
@@ -235,7 +251,7 @@ def test_low_rank_attention_rejects_indivisible_heads():
 
 
 def test_prefix_softmax_pool_running_sums_survive_huge_logit_spread():
-    length = lsa_module.PAIRWISE_MAX_LEN + 1
+    length = lsa_module.POOL_BLOCK + 1
     logits = torch.zeros(1, length, 1)
     logits[0, 0, 0] = -800.0                  # the first item is far below the later ones
     values = torch.arange(float(length)).view(1, length, 1)

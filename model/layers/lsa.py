@@ -76,29 +76,37 @@ def prefix_softmax_pool(logits: torch.Tensor, values: torch.Tensor) -> torch.Ten
     """pooled[b, t, p] = sum_{s<=t} softmax_s(logits[b, :t+1, p]) * values[b, s].
 
     logits: (batch, length, P); values: (batch, length, d) -> (batch, length, P, d).
-    Training windows (length <= PAIRWISE_MAX_LEN) use an explicit causal softmax over (t, s)
-    pairs: exact, parallel and fast in fp32. Longer sequences (inference over a long history)
-    run the same online softmax as `step`, position by position, so memory stays linear.
+    The sequence goes in blocks of POOL_BLOCK positions. Inside a block, an explicit causal
+    softmax over (t, s) pairs: parallel and exact in fp32 (a training window of 50 is one
+    block). Across blocks, what the earlier blocks pooled is carried as its log-normaliser and
+    its pooled vector, and merged in by their share of the normaliser (an online softmax), so
+    a window of 200 or a whole history of 2,000 items costs length / POOL_BLOCK iterations,
+    not one per position, and memory linear in the length.
     """
     batch, length, n_interests = logits.shape
-    if length <= PAIRWISE_MAX_LEN:
-        future = torch.ones(length, length, dtype=torch.bool, device=logits.device).triu(1)
-        pair_logits = logits.transpose(1, 2).unsqueeze(2).expand(-1, -1, length, -1)
-        weights = torch.softmax(pair_logits.masked_fill(future, -torch.inf), dim=-1)
-        pooled = weights.reshape(batch, n_interests * length, length) @ values  # (b, p*t, d)
-        return pooled.view(batch, n_interests, length, -1).transpose(1, 2)
-    running_max = logits.new_full((batch, n_interests), -torch.inf)
-    norm = logits.new_zeros(batch, n_interests)
-    total = values.new_zeros(batch, n_interests, values.shape[-1])
-    pooled = []
-    for t in range(length):
-        running_max, norm, total = online_softmax_update(running_max, norm, total,
-                                                         logits[:, t], values[:, t])
-        pooled.append(total / norm.unsqueeze(-1))
-    return torch.stack(pooled, dim=1)
+    pooled, carry_lse, carry_pooled = [], None, None
+    for start in range(0, length, POOL_BLOCK):
+        block_logits = logits[:, start:start + POOL_BLOCK].transpose(1, 2)   # (b, P, c)
+        block_values = values[:, start:start + POOL_BLOCK]                   # (b, c, d)
+        size = block_values.shape[1]
+        future = torch.ones(size, size, dtype=torch.bool, device=logits.device).triu(1)
+        pairs = block_logits.unsqueeze(2).expand(-1, -1, size, -1).masked_fill(future, -torch.inf)
+        weights = torch.softmax(pairs, dim=-1).reshape(batch, n_interests * size, size)
+        block_pooled = (weights @ block_values).view(batch, n_interests, size, -1)
+        if carry_lse is not None:         # merge the earlier blocks in, by normaliser share
+            block_lse = torch.logsumexp(pairs, dim=-1, keepdim=True)         # (b, P, c, 1)
+            total_lse = torch.logaddexp(block_lse, carry_lse)
+            block_pooled = (torch.exp(carry_lse - total_lse) * carry_pooled
+                            + torch.exp(block_lse - total_lse) * block_pooled)
+        if start + size < length:         # the block's last row has seen all of it
+            last_lse = torch.logsumexp(block_logits, dim=-1)[..., None, None]
+            carry_lse = last_lse if carry_lse is None else torch.logaddexp(carry_lse, last_lse)
+            carry_pooled = block_pooled[:, :, -1:]
+        pooled.append(block_pooled)
+    return torch.cat(pooled, dim=2).transpose(1, 2)
 
 
-PAIRWISE_MAX_LEN = 64
+POOL_BLOCK = 64
 
 
 class CausalLowRankAttention(_LowRankBase):

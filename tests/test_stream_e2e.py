@@ -114,8 +114,10 @@ class Worker:
         return self.log.read_text(errors="replace")[-3000:]
 
 
-def collect(bootstrap, topic, want_event_ids, timeout=60.0):
-    """Read `topic` from the start until every wanted event id has a recommendation."""
+def collect(bootstrap, topic, want_event_ids, timeout=120.0):
+    """Read `topic` from the start until every wanted event id has a recommendation. The
+    timeout only bounds a failing test: a restarted worker recovering its tables on a busy
+    2-core machine once took more than 60 s."""
     got: dict[str, list[dict]] = {}
     deadline = time.monotonic() + timeout
     for rec in tail_recommendations(bootstrap, topic, from_beginning=True, idle_timeout=timeout):

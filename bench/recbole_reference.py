@@ -9,9 +9,8 @@ RecBole is not a dependency of this project; install it beside the venv, without
 dependency pins (it needs only these to train and evaluate):
 
     pip download --no-deps -d /tmp/rb/wheels recbole==1.2.1 colorlog colorama tabulate \
-        texttable pyyaml scipy pandas python-dateutil pytz tzdata six protobuf absl-py \
-        grpcio markdown werkzeug tensorboard tensorboard-data-server scikit-learn joblib \
-        threadpoolctl cloudpickle narwhals plotly thop
+        texttable pyyaml scipy pandas python-dateutil pytz tzdata six tensorboard protobuf \
+        absl-py grpcio markdown werkzeug scikit-learn joblib threadpoolctl cloudpickle narwhals
     pip install --no-deps --target /tmp/rb/site /tmp/rb/wheels/*.whl
     PYTHONPATH=/tmp/rb/site .venv/bin/python bench/recbole_reference.py --max-len 20 \
         --batch-size 256
@@ -22,6 +21,8 @@ The data is the ML-100k copy inside the recbole wheel (the same file our loader 
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -49,6 +50,7 @@ def main():
     parser.add_argument("--seed", type=int, default=2024)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    os.chdir(tempfile.mkdtemp(prefix="recbole-reference-"))  # RecBole logs into the cwd
 
     import recbole
     from recbole.config import Config

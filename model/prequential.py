@@ -1,4 +1,4 @@
-"""Next-item ranks of a causal model over whole histories (test-then-train, offline).
+"""Next-item ranks of a steppable model over whole histories (test-then-train, offline).
 
 What a streaming scorer does, computed offline with the parallel forward: after each event t
 of a user the model ranks all items, and the user's event t+1 is judged against that ranking.
@@ -19,8 +19,9 @@ def next_item_ranks(model, sequences: list[np.ndarray], batch_size: int = 32,
                     device="cpu") -> list[np.ndarray]:
     """ranks[u][t] = 1-based rank of sequences[u][t+1] after sequences[u][:t+1]; 0 when that
     item is unknown to the model (OOV, -1), which no ranking can contain."""
-    if not model.causal:
-        raise ValueError(f"{model.name} is not causal: its ranks depend on the window")
+    if not model.steppable:      # the paper model depends on the window, SASRec is bounded
+        raise ValueError(f"{model.name} cannot rank over whole histories: its output "
+                         "depends on a window of max_len items")
     model.eval()
     weight = model.item_embedding.weight
     out: list[np.ndarray | None] = [None] * len(sequences)

@@ -7,8 +7,11 @@ Samples:
 - the paper MLSA4Rec (not causal): RecBole's prefix windows, one sample per training target,
   the input being the last max_len items before it, the loss at its last position.
 Evaluation: the last max_len items of the history, full ranking over all items.
-With `whole_sequences` a causal model instead trains on each user's whole sequence (one pass
-per user) and is evaluated on the whole history: what it sees in the stream.
+With `whole_sequences` a steppable model (no position table, so no length limit) instead
+trains on each user's whole sequence (one pass per user) and is evaluated on the whole
+history: what it sees in the stream.
+Early stopping follows RecBole's: a tie counts as an improvement, and the run stops once
+`patience` + 1 epochs in a row have not improved valid NDCG@10 (RecBole's stopping_step).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from model.config import ConfigError
 from model.data.protocol import EvalSplit, SequenceData, split_leave_one_out
 from model.metrics import metrics_from_ranks, target_ranks
 
@@ -52,6 +56,14 @@ class TrainConfig:
     # causal_windows.
     window_stride: int = 0
     progress: bool = True
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "eval_batch_size", "max_len", "tokens_per_batch"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("patience", "window_stride", "lr"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} cannot be negative, got {getattr(self, name)}")
 
 
 def pick_device(name: str) -> torch.device:
@@ -171,7 +183,10 @@ def train(model, data: SequenceData, cfg: TrainConfig, log=print) -> TrainResult
     device = pick_device(cfg.device)
     model.to(device)
     train_seqs, valid, test = split_leave_one_out(data)
-    whole = cfg.whole_sequences and model.causal
+    if cfg.whole_sequences and not model.steppable:
+        raise ValueError(f"whole sequences need a model without a length limit "
+                         f"(mlsa4rec-s, mamba4rec); {model.name} reads at most max_len items")
+    whole = cfg.whole_sequences
     eval_len = 0 if whole else cfg.max_len
     if whole:
         fixed = whole_sequence_batches(train_seqs, cfg.tokens_per_batch)
@@ -199,27 +214,29 @@ def train(model, data: SequenceData, cfg: TrainConfig, log=print) -> TrainResult
     history, started, train_seconds, seen = [], time.time(), 0.0, 0
     for epoch in range(cfg.epochs):
         model.train()
-        total, epoch_start = 0.0, time.time()
+        total, n_targets, epoch_start = 0.0, 0, time.time()
         for batch in tqdm(epoch_batches(), desc=f"epoch {epoch}", disable=not cfg.progress,
                           leave=False):
             loss = model.loss(*(t.to(device) for t in batch))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += loss.item() * len(batch[0])
+            batch_targets = int((batch[2] > 0).sum())   # the loss is a mean over these
+            total, n_targets = total + loss.item() * batch_targets, n_targets + batch_targets
         train_seconds += time.time() - epoch_start
         seen += n_samples
         scores = evaluate(model, valid, eval_len, device, cfg.eval_batch_size)
-        history.append({"epoch": epoch, "loss": total / n_samples, **scores})
-        log(f"epoch {epoch}: loss {total / n_samples:.4f} valid ndcg@10 {scores['ndcg@10']:.4f} "
+        epoch_loss = total / max(n_targets, 1)            # cross-entropy per training target
+        history.append({"epoch": epoch, "loss": epoch_loss, **scores})
+        log(f"epoch {epoch}: loss {epoch_loss:.4f} valid ndcg@10 {scores['ndcg@10']:.4f} "
             f"hr@10 {scores['hr@10']:.4f} ({time.time() - epoch_start:.0f}s)")
         if scores["ndcg@10"] >= best_score:       # RecBole counts a tie as an improvement
             best_score, best_epoch, waited = scores["ndcg@10"], epoch, 0
             best_state = copy.deepcopy(model.state_dict())
         else:
             waited += 1
-            if waited >= cfg.patience:
-                log(f"early stop: no better valid ndcg@10 for {cfg.patience} epochs")
+            if waited > cfg.patience:              # RecBole: cur_step > stopping_step
+                log(f"early stop: no better valid ndcg@10 for {waited} epochs")
                 break
         if cfg.time_budget_min and time.time() - started > 60 * cfg.time_budget_min:
             log(f"time budget of {cfg.time_budget_min} min spent: stopping after epoch {epoch}")
@@ -229,6 +246,32 @@ def train(model, data: SequenceData, cfg: TrainConfig, log=print) -> TrainResult
     test_metrics = evaluate(model, test, eval_len, device, cfg.eval_batch_size)
     return TrainResult(model, valid_metrics, test_metrics, best_epoch, len(history),
                        time.time() - started, seen / max(train_seconds, 1e-9), history)
+
+
+def continued_model(cfg: TrainConfig, data: SequenceData, overrides: dict):
+    """The checkpoint cfg.init_from, rebuilt with its own hyper-parameters updated by
+    `overrides` (dropout, say); refused if it is another model, on other items, or if an
+    override changes the shape of its weights."""
+    from model.checkpoint import load_checkpoint
+    from model.models import build_model
+
+    start, payload = load_checkpoint(cfg.init_from)
+    if payload["model"] != cfg.model:
+        raise ValueError(f"{cfg.init_from} is a {payload['model']}, not a {cfg.model}: "
+                         f"pass --model {payload['model']}")
+    if payload["item_ids"] != data.item_ids:
+        raise ValueError(f"{cfg.init_from} was trained on another item set than "
+                         f"{cfg.dataset} under these filters")
+    config = {k: v for k, v in payload["config"].items() if k not in ("model", "n_items")}
+    model = build_model(cfg.model, start.n_items, {**config, **overrides})
+    model.n_known = start.n_known
+    try:
+        model.load_state_dict(start.state_dict())
+    except RuntimeError as exc:
+        changed = {k: v for k, v in overrides.items() if config.get(k) != v}
+        raise ValueError(f"{cfg.init_from}: {changed} change the shape of its weights "
+                         f"({str(exc).splitlines()[-1].strip()})") from None
+    return model
 
 
 def describe_run(cfg: TrainConfig, result: TrainResult) -> dict:
@@ -244,17 +287,17 @@ def train_to_checkpoint(cfg: TrainConfig, model_overrides: dict | None = None, l
     import json
     from pathlib import Path
 
-    from model.checkpoint import load_checkpoint, save_checkpoint
+    from model.checkpoint import save_checkpoint
     from model.data.protocol import prepare_for_run
     from model.models import build_model
 
     data = prepare_for_run(asdict(cfg))
-    model = build_model(cfg.model, data.n_items, {"max_len": cfg.max_len, **(model_overrides or {})})
+    overrides = {**(model_overrides or {}), "max_len": cfg.max_len}
+    torch.manual_seed(cfg.seed)                   # the initial weights are part of the run
     if cfg.init_from:
-        start, payload = load_checkpoint(cfg.init_from)
-        if payload["item_ids"] != data.item_ids or payload["model"] != cfg.model:
-            raise ValueError(f"{cfg.init_from} is a {payload['model']} on other items")
-        model.load_state_dict(start.state_dict())
+        model = continued_model(cfg, data, overrides)
+    else:
+        model = build_model(cfg.model, data.n_items, overrides)
     result = train(model, data, cfg, log=log)
     run = describe_run(cfg, result)
     path = Path(cfg.checkpoint or f"runs/{Path(cfg.dataset).stem}-{cfg.model}.pt")

@@ -1,9 +1,10 @@
 """A growing item vocabulary: new items get embedding rows without retraining the rest.
 
 The embedding keeps spare rows beyond the known items and grows in chunks when they run out,
-so that most new items cost no reallocation. A new row starts at the mean of the trained rows:
-the same neutral vector an unknown (OOV) item is fed as, so growing changes no score of a
-known item. Rows past the id map are not items: scoring masks them (`mask_spare_rows`).
+so that most new items cost no reallocation. An item's new row starts at the mean of the known
+items' rows at the time it is given out: the same neutral vector an unknown (OOV) item is fed
+as, so growing changes no score of a known item. Rows past the id map are not items: the loss
+leaves them out (`model.n_known`) and scoring masks them (`mask_spare_rows`).
 """
 
 from __future__ import annotations
@@ -21,20 +22,24 @@ def rows_for(n_items: int, chunk: int) -> int:
 
 @torch.no_grad()
 def grow_item_embedding(model, n_items: int, chunk: int = 256) -> bool:
-    """Make room for n_items ids (pad included); True if the embedding was reallocated.
+    """Give ids up to n_items (pad included) rows; True if the embedding was reallocated.
 
-    The model's n_items (its embedding rows, saved in checkpoints) follows."""
-    old = model.item_embedding
-    if n_items <= old.num_embeddings:
+    The rows of the ids new since the last call start at the known items' mean. The model's
+    n_known follows, and so does its n_items (its embedding rows, saved in checkpoints)."""
+    if n_items <= model.n_known:
         return False
-    rows = rows_for(n_items, chunk)
-    new = nn.Embedding(rows, old.embedding_dim, padding_idx=old.padding_idx,
-                       device=old.weight.device, dtype=old.weight.dtype)
-    new.weight[:old.num_embeddings] = old.weight
-    new.weight[old.num_embeddings:] = old.weight[1:].mean(dim=0)
-    model.item_embedding = new
-    model.n_items = rows
-    return True
+    mean = model.known_item_mean()
+    old = model.item_embedding
+    grew = n_items > old.num_embeddings
+    if grew:
+        rows = rows_for(n_items, chunk)
+        new = nn.Embedding(rows, old.embedding_dim, padding_idx=old.padding_idx,
+                           device=old.weight.device, dtype=old.weight.dtype)
+        new.weight[:old.num_embeddings] = old.weight
+        model.item_embedding, model.n_items = new, rows
+    model.item_embedding.weight[model.n_known:n_items] = mean
+    model.n_known = n_items
+    return grew
 
 
 def mask_spare_rows(scores: torch.Tensor, n_known: int) -> torch.Tensor:

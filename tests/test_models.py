@@ -238,6 +238,19 @@ def test_stepping_from_restored_state_matches_original():
 
 # ------------------------------------------------------------------------ checkpoints
 
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_an_unknown_item_is_read_as_the_mean_known_item(name):
+    """OOV (-1) in a history is an item with the known items' mean vector, seen like any other
+    item (SASRec's key mask must not take it for padding)."""
+    model = small_model(name, seed=5).eval()
+    with torch.no_grad():
+        others = torch.cat([model.item_embedding.weight[1:7], model.item_embedding.weight[8:]])
+        model.item_embedding.weight[7] = others.mean(dim=0)   # now the mean of all known rows
+        unknown = model(torch.tensor([[3, OOV, 5, 0]]), torch.tensor([3]))
+        as_mean = model(torch.tensor([[3, 7, 5, 0]]), torch.tensor([3]))
+    assert torch.allclose(unknown, as_mean, atol=1e-5)
+
 @pytest.mark.parametrize("name", ["mlsa4rec-s", "sasrec"])
 def test_checkpoint_round_trip(tmp_path, name):
     model = small_model(name, seed=3).eval()

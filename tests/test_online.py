@@ -59,10 +59,37 @@ def test_growing_the_vocabulary_keeps_every_known_score(tmp_path):
     save_checkpoint(tmp_path / "grown.pt", model, ids, {}, version="grown")
     loaded, payload = load_checkpoint(tmp_path / "grown.pt")
     assert loaded.item_embedding.num_embeddings == 48
+    assert loaded.n_known == 33                       # its items come from its id map
     scorer = Scorer(loaded, payload["item_ids"], "grown", top_k=40)
     _, recs, _ = scorer.process([Event("u", "i3", "e1", 0, 0, 0)], {"u": None})
     # top_k 40 > 32 known items: all 32, never a spare row
     assert sorted(r["item_id"] for r in recs[0]["items"]) == sorted(ids[1:])
+
+
+def test_spare_rows_stay_out_of_training_and_new_items_start_at_the_known_mean():
+    torch.manual_seed(0)
+    model = build_model("mlsa4rec-s", 31, SMALL)
+    known_mean = model.item_embedding.weight[1:31].mean(dim=0).clone()
+    grow_item_embedding(model, 33, chunk=16)                 # 48 rows: 33 known, 15 spare
+    assert model.n_known == 33
+    spare_before = model.item_embedding.weight[33:].detach().clone()
+    # an unknown item is fed as the mean of the known items' rows, spare rows not counted
+    oov = model.embed_items(torch.tensor([-1]))[0]
+    assert torch.allclose(oov, model.item_embedding.weight[1:33].mean(dim=0))
+    sequences = [np.arange(1 + u, 1 + u + 12) % 32 + 1 for u in range(8)]
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    fine_tune(model, optimizer, sequences, FineTuneConfig(steps=5, batch_size=4, lr=1e-2,
+                                                           max_len=8), np.random.default_rng(0))
+    # the softmax never saw the spare rows: no gradient, no Adam step
+    assert torch.equal(model.item_embedding.weight[33:], spare_before)
+    assert not torch.allclose(model.item_embedding.weight[1:31].mean(dim=0), known_mean)
+    # two more items take spare rows (no reallocation) and start at today's known mean
+    assert not grow_item_embedding(model, 35, chunk=16)
+    mean_now = model.item_embedding.weight[1:33].mean(dim=0)
+    for row in (33, 34):
+        assert torch.allclose(model.item_embedding.weight[row], mean_now)
+    assert model.n_known == 35 and torch.equal(model.item_embedding.weight[35:],
+                                               spare_before[2:])
 
 
 # -- synthetic streams -------------------------------------------------------------------------

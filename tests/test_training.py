@@ -69,6 +69,17 @@ def test_target_rank_counts_only_strictly_higher_scores():
     assert m["hr@5"] == 0.5 and m["mrr@5"] == pytest.approx(1 / 5 / 2)
 
 
+def test_a_target_scored_nan_or_inf_ranks_last_not_first():
+    # A diverged model: NaN > x is False, so without the guard NaN would rank first (a hit).
+    scores = torch.cat([torch.tensor([[-torch.inf, 1.0, torch.nan, 3.0],
+                                      [-torch.inf, torch.nan, torch.nan, torch.nan],
+                                      [-torch.inf, 1.0, torch.inf, 0.0]]),
+                        torch.zeros(3, 8)], dim=1)                      # 12 items
+    ranks = target_ranks(scores, torch.tensor([2, 1, 2]))
+    assert ranks.tolist() == [12, 12, 12]
+    assert metrics_from_ranks(ranks, cutoffs=(10,))["hr@10"] == 0.0
+
+
 def test_format_table_lists_every_metric():
     table = format_table({"test": metrics_from_ranks(torch.tensor([0, 7]))})
     header, row = table.splitlines()
@@ -176,6 +187,66 @@ def test_training_learns_a_predictable_cycle(name, config):
     assert any("epoch 0" in line for line in logs)
 
 
+def test_early_stopping_counts_patience_as_recbole(monkeypatch):
+    """RecBole stops once more than stopping_step epochs in a row have not improved (and a
+    tie counts as an improvement): with patience 2 and the best at epoch 2 (a tie), the run
+    ends after the third miss, at epoch 5."""
+    valid_ndcg = iter([0.10, 0.20, 0.20, 0.15, 0.19, 0.18, 0.30, 0.40])
+    calls = {"n": 0}
+
+    def fake_evaluate(model, split, max_len, device, batch_size=512):
+        calls["n"] += 1
+        return {"ndcg@10": next(valid_ndcg), "hr@10": 0.0}
+
+    import model.training as training
+    monkeypatch.setattr(training, "evaluate", fake_evaluate)
+    data = cycle_data(n_users=8, length=6)
+    torch.manual_seed(0)
+    model = build_model("mamba4rec", data.n_items, {"hidden": 16, "d_state": 4, "max_len": 8})
+    logs = []
+    result = train(model, data, TrainConfig(model="mamba4rec", epochs=8, batch_size=8,
+                                            max_len=8, patience=2, progress=False,
+                                            device="cpu"), log=logs.append)
+    assert result.epochs_run == 6                    # epochs 0..5: best at 2, then 3 misses
+    assert result.best_epoch == 2                    # the tie at epoch 2 is the best
+    assert any("early stop" in line for line in logs)
+
+
+def test_epoch_loss_is_the_cross_entropy_per_training_target():
+    """lr 0 and no dropout: the logged loss must equal the mean CE over every training target,
+    whatever the windows' sizes (a mean of batch means would weigh short windows more)."""
+    data = cycle_data(n_users=12, length=13)
+    torch.manual_seed(0)
+    config = {"hidden": 16, "d_state": 4, "n_interests": 4, "dropout": 0.0,
+              "attn_dropout": 0.0, "max_len": 5}
+    model = build_model("mlsa4rec-s", data.n_items, config)
+    result = train(model, data, TrainConfig(epochs=1, batch_size=3, max_len=5, lr=0.0,
+                                            progress=False, device="cpu"), log=lambda _: None)
+    train_seqs, _, _ = split_leave_one_out(data)
+    inputs, targets = map(torch.from_numpy, causal_windows(train_seqs, 5))
+    with torch.no_grad():
+        output = model.sequence_output(inputs)
+        mask = targets > 0
+        expected = torch.nn.functional.cross_entropy(
+            output[mask] @ model.item_embedding.weight.t(), targets[mask]).item()
+    assert result.history[0]["loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_whole_sequences_are_refused_for_a_model_with_a_length_limit():
+    data = cycle_data(n_users=8, length=6)
+    model = build_model("sasrec", data.n_items, {"hidden": 16, "max_len": 8})
+    with pytest.raises(ValueError, match="length limit"):
+        train(model, data, TrainConfig(model="sasrec", epochs=1, max_len=8, progress=False,
+                                       whole_sequences=True, device="cpu"))
+
+
+@pytest.mark.parametrize("field,value", [("epochs", 0), ("batch_size", 0), ("max_len", -1),
+                                         ("patience", -1), ("lr", -0.1)])
+def test_train_config_refuses_values_that_cannot_run(field, value):
+    with pytest.raises(typed_config.ConfigError, match=field):
+        TrainConfig(**{field: value})
+
+
 # ------------------------------------------------------------------------ typed config
 
 def parse_train_args(argv):
@@ -204,8 +275,14 @@ def test_config_bad_boolean_raises(clean_env):
     with pytest.raises(SystemExit):                          # argparse rejects it
         parse_train_args(["--progress", "maybe"])
     clean_env.setenv("MLSA4REC_PROGRESS", "maybe")
-    with pytest.raises(ValueError):
+    with pytest.raises(typed_config.ConfigError, match="MLSA4REC_PROGRESS='maybe'"):
         typed_config.build(TrainConfig, parse_train_args([]))
+
+
+def test_cli_names_a_bad_environment_variable(clean_env):
+    clean_env.setenv("MLSA4REC_EPOCHS", "abc")
+    with pytest.raises(SystemExit, match="MLSA4REC_EPOCHS='abc' is not a valid int"):
+        cli.main(["train"])
 
 
 # ------------------------------------------------------------------------ command line
@@ -267,12 +344,68 @@ def test_cli_evaluate_uses_the_filters_the_checkpoint_was_trained_with(tmp_path,
                   "--checkpoint", str(tmp_path / "n.pt"), *common])
 
 
-def test_cli_set_rejects_missing_value(tmp_path, clean_env):
+@pytest.mark.parametrize("pair,message", [
+    ("hidden", "expects name=value"),
+    ("no_such=1", "'no_such' is not a setting of MLSA4RecConfig"),
+    ("hidden=big", "hidden='big' is not a valid int"),
+    ("max_len=200", "use --max-len"),
+])
+def test_cli_set_refuses_what_it_cannot_apply(tmp_path, clean_env, pair, message):
     dataset = tmp_path / "log.csv"
     write_log(dataset)
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match=message):
         cli.main(["train", "--dataset", str(dataset), "--epochs", "1", "--progress", "false",
-                  "--checkpoint", str(tmp_path / "x.pt"), "--set", "hidden"])
+                  "--checkpoint", str(tmp_path / "x.pt"), "--set", pair])
+    assert not (tmp_path / "x.pt").exists()
+
+
+def test_cli_set_values_take_the_hyper_parameter_type(tmp_path, clean_env):
+    dataset = tmp_path / "log.csv"
+    write_log(dataset)
+    ckpt = tmp_path / "m.pt"
+    assert cli.main(["train", "--dataset", str(dataset), "--epochs", "1", "--progress", "false",
+                     "--threads", "1", "--checkpoint", str(ckpt), "--set", "hidden=32",
+                     "--set", "dropout=.25"]) == 0
+    model, _ = load_checkpoint(ckpt)
+    assert model.config.dropout == 0.25 and isinstance(model.config.dropout, float)
+
+
+def test_cli_train_seed_fixes_the_initial_weights(tmp_path, clean_env):
+    dataset = tmp_path / "log.csv"
+    write_log(dataset)
+    common = ["--dataset", str(dataset), "--progress", "false", "--threads", "1",
+              "--set", "hidden=16", "--epochs", "1", "--lr", "0"]   # lr 0: weights = initial
+    for name, seed in (("a", "7"), ("b", "7"), ("c", "8")):
+        torch.manual_seed(int(name.encode()[0]))      # whatever the process's RNG was before
+        assert cli.main(["train", *common, "--seed", seed,
+                         "--checkpoint", str(tmp_path / f"{name}.pt")]) == 0
+    a, b, c = (load_checkpoint(tmp_path / f"{n}.pt")[0].state_dict() for n in "abc")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["item_embedding.weight"], c["item_embedding.weight"])
+
+
+def test_cli_evaluate_refuses_what_it_cannot_evaluate(tmp_path, clean_env):
+    dataset = tmp_path / "log.csv"
+    write_log(dataset)
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="unreadable checkpoint"):
+        cli.main(["evaluate", str(tmp_path / "junk.pt"), "--dataset", str(dataset)])
+    with pytest.raises(SystemExit, match="No such file"):
+        cli.main(["evaluate", str(tmp_path / "missing.pt"), "--dataset", str(dataset)])
+    # a version published by the online trainer records no offline run
+    from model.checkpoint import save_checkpoint
+    model = build_model("mlsa4rec-s", 21, {"hidden": 16})
+    save_checkpoint(tmp_path / "online.pt", model, ["[PAD]"] + [f"i{n}" for n in range(20)],
+                    {"holdout": {}})
+    with pytest.raises(SystemExit, match="no offline training run"):
+        cli.main(["evaluate", str(tmp_path / "online.pt"), "--dataset", str(dataset)])
+    # SASRec has a position table of max_len: it cannot read a whole history
+    ckpt = tmp_path / "sasrec.pt"
+    assert cli.main(["train", "--dataset", str(dataset), "--model", "sasrec", "--epochs", "1",
+                     "--progress", "false", "--threads", "1", "--checkpoint", str(ckpt),
+                     "--set", "hidden=16"]) == 0
+    with pytest.raises(SystemExit, match="without a length limit"):
+        cli.main(["evaluate", str(ckpt), "--whole-history"])
 
 
 def test_cli_train_init_from_continues_a_checkpoint_and_refuses_another_model(tmp_path, clean_env):
@@ -292,3 +425,13 @@ def test_cli_train_init_from_continues_a_checkpoint_and_refuses_another_model(tm
     with pytest.raises(SystemExit, match="mlsa4rec-s"):
         cli.main(["train", *common[:-2], "--model", "mamba4rec", "--epochs", "1",
                   "--init-from", str(first), "--checkpoint", str(tmp_path / "c.pt")])
+    # the continued run keeps the checkpoint's own hyper-parameters (hidden 32) without
+    # repeating them, and may change the ones that do not shape the weights
+    third = tmp_path / "d.pt"
+    assert cli.main(["train", *common[:-2], "--epochs", "1", "--init-from", str(first),
+                     "--set", "dropout=0.3", "--checkpoint", str(third)]) == 0
+    continued, _ = load_checkpoint(third)
+    assert continued.config.hidden == 32 and continued.config.dropout == 0.3
+    with pytest.raises(SystemExit, match="change the shape"):
+        cli.main(["train", *common[:-2], "--epochs", "1", "--init-from", str(first),
+                  "--set", "hidden=64", "--checkpoint", str(tmp_path / "e.pt")])

@@ -72,6 +72,9 @@ def online_softmax_update(running_max, norm, total, logits, x):
     return new_max, norm, total
 
 
+POOL_BLOCK = 64   # positions pooled in parallel by prefix_softmax_pool
+
+
 def prefix_softmax_pool(logits: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """pooled[b, t, p] = sum_{s<=t} softmax_s(logits[b, :t+1, p]) * values[b, s].
 
@@ -104,9 +107,6 @@ def prefix_softmax_pool(logits: torch.Tensor, values: torch.Tensor) -> torch.Ten
             carry_pooled = block_pooled[:, :, -1:]
         pooled.append(block_pooled)
     return torch.cat(pooled, dim=2).transpose(1, 2)
-
-
-POOL_BLOCK = 64
 
 
 class CausalLowRankAttention(_LowRankBase):

@@ -16,4 +16,8 @@ def build_model(name: str, n_items: int, config: dict | None = None):
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}: choose one of {sorted(MODELS)}")
     model_cls, config_cls = MODELS[name]
-    return model_cls(n_items, config_cls(**(config or {})))
+    try:
+        config = config_cls(**(config or {}))
+    except TypeError as exc:                  # a hyper-parameter this model does not have
+        raise ValueError(f"{name}: {exc}") from None
+    return model_cls(n_items, config)

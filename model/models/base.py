@@ -33,7 +33,10 @@ class SequentialRecommender(nn.Module):
 
     def __init__(self, n_items: int, config):
         super().__init__()
-        self.n_items = n_items           # including the pad row 0
+        self.n_items = n_items           # embedding rows, including the pad row 0
+        # Rows that are items (pad included); rows past it are spare rows kept for items the
+        # stream has not seen yet (model/vocab.py): no loss, no score, no share in the mean.
+        self.n_known = n_items
         self.config = config
 
     # Subclasses implement: sequence_output (causal) or forward (window), and embedding.
@@ -54,8 +57,11 @@ class SequentialRecommender(nn.Module):
         unknown = item_ids == OOV
         if unknown.any():
             vectors = vectors.clone()
-            vectors[unknown] = self.item_embedding.weight[1:].mean(dim=0)
+            vectors[unknown] = self.known_item_mean()
         return vectors
+
+    def known_item_mean(self) -> torch.Tensor:
+        return self.item_embedding.weight[1:self.n_known].mean(dim=0)
 
     def scores(self, user_repr: torch.Tensor) -> torch.Tensor:
         logits = user_repr @ self.item_embedding.weight.t()
@@ -66,13 +72,12 @@ class SequentialRecommender(nn.Module):
         return self.scores(self.forward(item_seq, item_seq_len))
 
     def loss(self, item_seq, item_seq_len, targets) -> torch.Tensor:
+        items = self.item_embedding.weight[:self.n_known]   # spare rows stay out of the softmax
         if self.causal:
             output = self.sequence_output(item_seq)
             mask = targets > 0
-            logits = output[mask] @ self.item_embedding.weight.t()
-            return F.cross_entropy(logits, targets[mask])
-        logits = self.forward(item_seq, item_seq_len) @ self.item_embedding.weight.t()
-        return F.cross_entropy(logits, targets)
+            return F.cross_entropy(output[mask] @ items.t(), targets[mask])
+        return F.cross_entropy(self.forward(item_seq, item_seq_len) @ items.t(), targets)
 
     def describe(self) -> dict:
         return {"model": self.name, "n_items": self.n_items, **dataclasses.asdict(self.config)}

@@ -86,7 +86,7 @@ class MambaLSALayer(nn.Module):
 
     def step(self, x0, state: dict, prefix: str):
         h = self.mamba.step(x0, state[f"{prefix}.conv"], state[f"{prefix}.ssm"])
-        lsa_state = {k[len(prefix) + 5:]: v for k, v in state.items()
+        lsa_state = {k.removeprefix(f"{prefix}.lsa."): v for k, v in state.items()
                      if k.startswith(f"{prefix}.lsa.")}
         return self._combine(x0, h, self.lsa.step(h, lsa_state))
 

@@ -71,9 +71,10 @@ class SASRec(SequentialRecommender):
         positions = torch.arange(length, device=item_seq.device)
         x = self.emb_dropout(self.emb_norm(self.embed_items(item_seq)
                                            + self.position_embedding(positions)))
-        # Causal and key-padding mask; a query never sees a later item or a pad.
+        # Causal and key-padding mask; a query never sees a later item or a pad (an unknown
+        # item, OOV = -1, is an item: it keeps its neutral vector as a key).
         visible = torch.ones(length, length, dtype=torch.bool, device=item_seq.device).tril()
-        mask = visible & (item_seq > 0)[:, None, None, :]
+        mask = visible & (item_seq != 0)[:, None, None, :]
         mask = mask | torch.eye(length, dtype=torch.bool, device=item_seq.device)  # no empty rows
         for block in self.blocks:
             x = block(x, mask)

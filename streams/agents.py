@@ -50,6 +50,10 @@ def to_event(message_event) -> Event:
             raise DecodeError(f"{name} longer than {MAX_ID_BYTES} bytes "
                               f"({len(record[name].encode())})")
     message = message_event.message
+    # All of a user's events must share one partition (one state, in order): the key decides it.
+    if message.key != record["user_id"].encode():
+        raise DecodeError(f"message key {message.key!r:.80} is not the user_id: a user's "
+                          "events must be keyed by user_id to share one partition")
     return Event(record["user_id"], record["item_id"], record["event_id"],
                  int(record["timestamp"]), message.partition, message.offset)
 

@@ -20,8 +20,8 @@ CLICK = {"event_id": "e1", "user_id": "u1", "item_id": "item3", "event_type": "C
          "timestamp": 1_700_000_000_000, "properties": None}
 
 
-def message(value: bytes):
-    return SimpleNamespace(value=value, message=SimpleNamespace(partition=0, offset=7))
+def message(value: bytes, key: bytes | None = b"u1"):
+    return SimpleNamespace(value=value, message=SimpleNamespace(partition=0, offset=7, key=key))
 
 
 def wire(**changes) -> bytes:
@@ -48,6 +48,13 @@ def test_what_cannot_be_scored_gets_a_dead_letter_reason(payload, reason):
         to_event(message(payload))
 
 
+@pytest.mark.parametrize("key", [None, b"session-42", b"u10"], ids=["no-key", "other", "prefix"])
+def test_a_click_not_keyed_by_its_user_gets_a_dead_letter_reason(key):
+    # Another key may land it in another partition than the user's state: refused, not split.
+    with pytest.raises(DecodeError, match="is not the user_id"):
+        to_event(message(wire(), key=key))
+
+
 @pytest.mark.parametrize("changes", [
     {"timestamp": 0},                                       # 1970
     {"timestamp": -62_135_596_800_000},                     # year 1
@@ -58,7 +65,7 @@ def test_what_cannot_be_scored_gets_a_dead_letter_reason(payload, reason):
     {"user_id": "u" * MAX_ID_BYTES},                        # at the limit
 ], ids=["epoch", "year-1", "year-9999", "purchase", "unknown-type", "unknown-item", "long-id"])
 def test_what_only_looks_odd_is_scored(changes):
-    event = to_event(message(wire(**changes)))
+    event = to_event(message(wire(**changes), key=changes.get("user_id", "u1").encode()))
     scorer = Scorer(small_model(), ITEM_IDS, "v1")
     _, recs, stats = scorer.process([event], {event.user_id: None})
     assert stats.applied == 1 and len(recs) == 1 and len(recs[0]["items"]) == 10

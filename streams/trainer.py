@@ -167,12 +167,18 @@ def run_trainer(cfg: TrainerConfig, stop=None) -> None:
     ensure_model_updates_topic(cfg.broker, cfg.model_updates_topic, cfg.replication)
     store = ModelStore(cfg.model_store)
     model = payload = None
-    for announcement in reversed(read_announcements(cfg.broker, cfg.model_updates_topic)):
+    announcements = read_announcements(cfg.broker, cfg.model_updates_topic)
+    for announcement in reversed(announcements):
         try:
             model, payload = store.load(announcement, device)
             break
         except (ValueError, OSError) as exc:
             log.error("announced version %s unusable: %s", announcement.get("version"), exc)
+    if model is None and announcements:
+        # Announcing the start checkpoint now would roll every scorer back to it.
+        raise RuntimeError(f"none of the {len(announcements)} announced model versions loads "
+                           f"from {cfg.model_store}; refusing to announce {cfg.checkpoint} "
+                           "over them")
     if model is None:                   # first start: the checkpoint becomes the first version
         model, payload = load_checkpoint(cfg.checkpoint, device=device)
         # Same version id: scorers started from this checkpoint have nothing to swap.

@@ -8,9 +8,11 @@ import threading
 import time
 import uuid
 
+import pytest
+
 from streams.clients import produce_clicks
 from streams.config import TrainerConfig
-from streams.model_updates import announce, read_announcements
+from streams.model_updates import announce, ensure_model_updates_topic, read_announcements
 from streams.trainer import run_trainer
 from tests.test_stream_e2e import Worker, checkpoint, clicks_for, collect  # noqa: F401 (fixture)
 
@@ -81,3 +83,25 @@ def test_scorer_swaps_to_trained_versions_and_refuses_bad_ones(
     finally:
         stop.set()
         worker.stop()
+
+
+def test_a_trainer_that_cannot_load_any_announced_version_does_not_roll_back(
+        kafka_bootstrap_server, checkpoint, tmp_path):
+    """The store is unreachable or emptied: announcing the start checkpoint again would send
+    every scorer back to it. The trainer stops with the reason instead."""
+    path, _ = checkpoint
+    name = uuid.uuid4().hex[:8]
+    updates = f"model-updates-{name}"
+    ensure_model_updates_topic(kafka_bootstrap_server, updates, 1)
+    announce(kafka_bootstrap_server, updates, {"version": "v7", "path": "v7.pt",
+                                               "sha256": "0" * 64, "parent": "v6"})
+    cfg = TrainerConfig(broker=kafka_bootstrap_server, interactions_topic=f"interactions-{name}",
+                        partitions=1, model_updates_topic=updates, group_id=f"trainer-{name}",
+                        checkpoint=str(path), model_store=str(tmp_path / "models"),
+                        buffer_dir=str(tmp_path / "buffer"), threads=1)
+    stop = threading.Event()
+    threading.Timer(30, stop.set).start()       # without the refusal it would consume on
+    with pytest.raises(RuntimeError, match="refusing to announce"):
+        run_trainer(cfg, stop)
+    stop.set()
+    assert [a["version"] for a in read_announcements(kafka_bootstrap_server, updates)] == ["v7"]

@@ -27,7 +27,7 @@ from model.training import TrainConfig
 
 def _model_overrides(model_name: str, pairs: list[str]) -> dict:
     """--set name=value pairs -> hyper-parameters of the model's config, typed."""
-    from model.models import MODELS
+    from model.models import model_classes
 
     texts = {}
     for pair in pairs:
@@ -37,12 +37,12 @@ def _model_overrides(model_name: str, pairs: list[str]) -> dict:
         if name == "max_len":
             raise SystemExit("--set max_len: use --max-len, which the training windows follow too")
         texts[name] = value
-    if model_name not in MODELS:
-        raise SystemExit(f"unknown model {model_name!r}: choose one of {sorted(MODELS)}")
     try:
-        return typed_config.parse_fields(MODELS[model_name][1], texts)
-    except ValueError as exc:
+        return typed_config.parse_fields(model_classes(model_name)[1], texts)
+    except typed_config.ConfigError as exc:
         raise SystemExit(f"--set {exc}")
+    except ValueError as exc:                     # an unknown model
+        raise SystemExit(str(exc))
 
 
 def cmd_train(args) -> int:
@@ -81,9 +81,11 @@ def cmd_evaluate(args) -> int:
         model, payload = load_checkpoint(args.checkpoint, device=device)
     except (OSError, ValueError) as exc:
         raise SystemExit(f"cannot load {args.checkpoint}: {exc}")
-    if args.whole_history and not model.steppable:
-        raise SystemExit(f"--whole-history needs a model without a length limit (mlsa4rec-s, "
-                         f"mamba4rec); {payload['model']} reads at most max_len items")
+    if args.whole_history:
+        try:
+            model.require_whole_histories("--whole-history")
+        except ValueError as exc:
+            raise SystemExit(str(exc))
     try:
         data = checkpoint_data(payload, args.dataset)
     except (ValueError, KeyError) as exc:

@@ -64,17 +64,17 @@ def load_checkpoint_bytes(data: bytes, device="cpu", expected_sha256: str | None
             raise ValueError(f"{name}: sha256 {actual} != expected {expected_sha256}")
     try:
         payload = torch.load(io.BytesIO(data), map_location=device, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - torch raises several kinds for a bad file
+        if not isinstance(payload, dict) or payload.get("format") != 1:
+            raise ValueError("not a checkpoint of format 1")
+        config = {k: v for k, v in payload["config"].items() if k not in ("model", "n_items")}
+        # A model that grew its vocabulary online keeps spare embedding rows past the id map.
+        n_items = payload["config"].get("n_items", len(payload["item_ids"]))
+        model = build_model(payload["model"], n_items, config)
+        model.load_state_dict(payload["state_dict"])
+    except Exception as exc:  # noqa: BLE001 - torch and a bad payload raise several kinds
         first_line = (str(exc).splitlines() or [""])[0]
         raise ValueError(f"{name}: unreadable checkpoint ({exc.__class__.__name__}: "
                          f"{first_line})") from None
-    if not isinstance(payload, dict) or payload.get("format") != 1:
-        raise ValueError(f"{name}: not a checkpoint of format 1")
-    config = {k: v for k, v in payload["config"].items() if k not in ("model", "n_items")}
-    # A model that grew its vocabulary online keeps spare embedding rows past the id map.
-    n_items = payload["config"].get("n_items", len(payload["item_ids"]))
-    model = build_model(payload["model"], n_items, config)
-    model.load_state_dict(payload["state_dict"])
     model.n_known = len(payload["item_ids"])
     return model.to(device).eval(), payload
 

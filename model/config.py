@@ -40,12 +40,15 @@ def parse_fields(cls, texts: dict[str, str]) -> dict:
         if name not in fields:
             raise ConfigError(f"{name!r} is not a setting of {cls.__name__}; "
                              f"known: {', '.join(sorted(fields))}")
-        kind = _field_type(cls, fields[name])
-        try:
-            out[name] = _parse(kind, text)
-        except ValueError:
-            raise ConfigError(f"{name}={text!r} is not a valid {kind.__name__}") from None
+        out[name] = _parse_setting(_field_type(cls, fields[name]), text, name)
     return out
+
+
+def _parse_setting(kind, text: str, label: str):
+    try:
+        return _parse(kind, text)
+    except ValueError:
+        raise ConfigError(f"{label}={text!r} is not a valid {kind.__name__}") from None
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
@@ -61,11 +64,8 @@ def build(cls, args: argparse.Namespace | None = None, **overrides):
     for field in dataclasses.fields(cls):
         env_name = f"MLSA4REC_{field.name.upper()}"
         if env_name in os.environ:
-            kind, text = _field_type(cls, field), os.environ[env_name]
-            try:
-                values[field.name] = _parse(kind, text)
-            except ValueError:
-                raise ConfigError(f"{env_name}={text!r} is not a valid {kind.__name__}") from None
+            values[field.name] = _parse_setting(_field_type(cls, field), os.environ[env_name],
+                                                env_name)
         given = getattr(args, field.name, None) if args is not None else None
         if given is not None:
             values[field.name] = given

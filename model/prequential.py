@@ -19,9 +19,7 @@ def next_item_ranks(model, sequences: list[np.ndarray], batch_size: int = 32,
                     device="cpu") -> list[np.ndarray]:
     """ranks[u][t] = 1-based rank of sequences[u][t+1] after sequences[u][:t+1]; 0 when that
     item is unknown to the model (OOV, -1), which no ranking can contain."""
-    if not model.steppable:      # the paper model depends on the window, SASRec is bounded
-        raise ValueError(f"{model.name} cannot rank over whole histories: its output "
-                         "depends on a window of max_len items")
+    model.require_whole_histories("ranking over whole histories")
     model.eval()
     weight = model.item_embedding.weight
     out: list[np.ndarray | None] = [None] * len(sequences)

@@ -183,10 +183,9 @@ def train(model, data: SequenceData, cfg: TrainConfig, log=print) -> TrainResult
     device = pick_device(cfg.device)
     model.to(device)
     train_seqs, valid, test = split_leave_one_out(data)
-    if cfg.whole_sequences and not model.steppable:
-        raise ValueError(f"whole sequences need a model without a length limit "
-                         f"(mlsa4rec-s, mamba4rec); {model.name} reads at most max_len items")
     whole = cfg.whole_sequences
+    if whole:
+        model.require_whole_histories("training on whole sequences")
     eval_len = 0 if whole else cfg.max_len
     if whole:
         fixed = whole_sequence_batches(train_seqs, cfg.tokens_per_batch)

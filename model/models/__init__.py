@@ -12,10 +12,15 @@ MODELS = {
 }
 
 
-def build_model(name: str, n_items: int, config: dict | None = None):
+def model_classes(name: str):
+    """(model class, config class) of a registered model; ValueError naming the choices."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}: choose one of {sorted(MODELS)}")
-    model_cls, config_cls = MODELS[name]
+    return MODELS[name]
+
+
+def build_model(name: str, n_items: int, config: dict | None = None):
+    model_cls, config_cls = model_classes(name)
     try:
         config = config_cls(**(config or {}))
     except TypeError as exc:                  # a hyper-parameter this model does not have

@@ -79,6 +79,14 @@ class SequentialRecommender(nn.Module):
             return F.cross_entropy(output[mask] @ items.t(), targets[mask])
         return F.cross_entropy(self.forward(item_seq, item_seq_len) @ items.t(), targets)
 
+    def require_whole_histories(self, purpose: str) -> None:
+        """ValueError unless the model reads histories of any length: a steppable model has no
+        position table and no window (SASRec's positions stop at max_len; the paper model's
+        output depends on its window)."""
+        if not self.steppable:
+            raise ValueError(f"{purpose} needs a model without a length limit (mlsa4rec-s, "
+                             f"mamba4rec); {self.name} reads at most max_len items")
+
     def describe(self) -> dict:
         return {"model": self.name, "n_items": self.n_items, **dataclasses.asdict(self.config)}
 

@@ -93,9 +93,10 @@ def cmd_evaluate(args) -> int:
     max_len = 0 if args.whole_history else payload["config"].get("max_len", 50)
     dataset = args.dataset or payload["metrics"]["train_config"]["dataset"]
     _, valid, test = split_leave_one_out(data)
-    rows = {"valid": evaluate(model, valid, max_len, device),
-            "test": evaluate(model, test, max_len, device)}
-    print(f"{payload['model']} version {payload['version']} on {dataset}")
+    rows = {"valid": evaluate(model, valid, max_len, device, exclude_seen=args.exclude_seen),
+            "test": evaluate(model, test, max_len, device, exclude_seen=args.exclude_seen)}
+    seen = ", items the user saw excluded" if args.exclude_seen else ""
+    print(f"{payload['model']} version {payload['version']} on {dataset}{seen}")
     print(format_table(rows))
     return 0
 
@@ -142,11 +143,20 @@ def cmd_evaluate_stream(args) -> int:
 
 
 def cmd_produce(args) -> int:
-    from streams.clients import produce_clicks, read_clicks
+    """A file is checked whole before anything is sent, so a bad record sends nothing; clicks
+    from stdin are sent as they come, and a bad one stops there, saying how many went."""
+    from streams.clients import BadClick, check_clicks, produce_clicks, read_clicks
     from streams.config import StreamConfig
 
     cfg = typed_config.build(StreamConfig, args)
-    count = produce_clicks(cfg.broker, cfg.interactions_topic, read_clicks(args.source))
+    try:
+        if args.source != "-":
+            check_clicks(args.source)
+        count = produce_clicks(cfg.broker, cfg.interactions_topic, read_clicks(args.source))
+    except BadClick as exc:
+        raise SystemExit(f"nothing sent: {exc}" if args.source != "-" else str(exc))
+    except OSError as exc:
+        raise SystemExit(f"cannot read {args.source}: {exc}")
     print(f"produced {count} clicks to {cfg.interactions_topic}", file=sys.stderr)
     return 0
 
@@ -182,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
     p_eval.add_argument("--whole-history", action="store_true",
                         help="rank with each user's whole history, as the stream does "
                              "(causal models), instead of the last max_len items")
+    p_eval.add_argument("--exclude-seen", action="store_true",
+                        help="drop the items each user already saw from the ranking (the "
+                             "stream's --exclude-seen; RecBole's protocol keeps them)")
     p_eval.set_defaults(func=cmd_evaluate)
     from streams.config import StreamConfig
     p_worker = sub.add_parser("worker", help="run a scorer worker (Faust)")

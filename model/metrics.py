@@ -3,6 +3,8 @@
 The rank of the target is the number of items scored strictly above it (the pad item is at
 -inf, items the user saw are not masked, as RecBole's full-sort evaluation). A target scored
 NaN or +-inf (a diverged model) ranks last: NaN compares false, so it would otherwise rank first.
+`mask_seen` is the other convention, common outside RecBole (and the stream's `exclude_seen`):
+items already in the user's history cannot be recommended, so they leave the ranking.
 """
 
 from __future__ import annotations
@@ -18,6 +20,17 @@ def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     ranks = (scores > target_scores).sum(dim=1)
     ranks[~torch.isfinite(target_scores.squeeze(1))] = scores.shape[1]
     return ranks
+
+
+def mask_seen(scores: torch.Tensor, histories: list) -> torch.Tensor:
+    """Set each row's scores of the items in that row's history to -inf (in place).
+
+    A target the user had already seen then ranks last: it could not have been recommended.
+    """
+    rows = torch.cat([torch.full((len(h),), r, dtype=torch.long) for r, h in enumerate(histories)])
+    cols = torch.cat([torch.as_tensor(h, dtype=torch.long) for h in histories])
+    scores[rows.to(scores.device), cols.to(scores.device)] = -torch.inf
+    return scores
 
 
 def metrics_from_ranks(ranks: torch.Tensor, cutoffs=CUTOFFS) -> dict[str, float]:

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from model.config import ConfigError
 from model.data.protocol import EvalSplit, SequenceData, split_leave_one_out
-from model.metrics import metrics_from_ranks, target_ranks
+from model.metrics import mask_seen, metrics_from_ranks, target_ranks
 
 
 @dataclass
@@ -143,8 +143,12 @@ def whole_sequence_batches(train: list[np.ndarray], tokens: int):
 
 @torch.no_grad()
 def evaluate(model, split: EvalSplit, max_len: int, device, batch_size: int = 512,
-             tokens_per_batch: int = 25600) -> dict:
-    """max_len = 0: the whole history (a causal model's view in the stream)."""
+             tokens_per_batch: int = 25600, exclude_seen: bool = False) -> dict:
+    """max_len = 0: the whole history (a causal model's view in the stream).
+
+    exclude_seen: every item of the user's whole history leaves the ranking, whatever part of
+    it the model reads (not the issue's protocol; see model/metrics.py).
+    """
     model.eval()
     histories = [seq[-max_len:] if max_len else seq for seq in split.inputs]
     if max_len:
@@ -159,6 +163,8 @@ def evaluate(model, split: EvalSplit, max_len: int, device, batch_size: int = 51
         inputs = torch.from_numpy(pad_right(chunk, max_len or max(len(h) for h in chunk)))
         lengths = torch.tensor([len(h) for h in chunk])
         scores = model.full_sort_scores(inputs.to(device), lengths.to(device))
+        if exclude_seen:
+            mask_seen(scores, [split.inputs[i] for i in idx])
         ranks[torch.from_numpy(idx)] = target_ranks(scores, targets[idx].to(device)).cpu()
     return metrics_from_ranks(ranks)
 

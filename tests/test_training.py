@@ -12,8 +12,8 @@ import torch
 import cli
 from model import config as typed_config
 from model.checkpoint import load_checkpoint
-from model.data.protocol import SequenceData, split_leave_one_out
-from model.metrics import format_table, metrics_from_ranks, target_ranks
+from model.data.protocol import EvalSplit, SequenceData, split_leave_one_out
+from model.metrics import format_table, mask_seen, metrics_from_ranks, target_ranks
 from model.models import build_model
 from model.training import TrainConfig, causal_windows, evaluate, prefix_windows, train
 
@@ -78,6 +78,42 @@ def test_a_target_scored_nan_or_inf_ranks_last_not_first():
     ranks = target_ranks(scores, torch.tensor([2, 1, 2]))
     assert ranks.tolist() == [12, 12, 12]
     assert metrics_from_ranks(ranks, cutoffs=(10,))["hr@10"] == 0.0
+
+
+def test_excluding_seen_items_lifts_the_target_past_them_and_a_seen_target_ranks_last():
+    scores = torch.tensor([[-torch.inf, 5.0, 4.0, 3.0, 2.0, 1.0],
+                           [-torch.inf, 5.0, 4.0, 3.0, 2.0, 1.0]])
+    targets = torch.tensor([4, 2])
+    assert target_ranks(scores, targets).tolist() == [3, 1]
+    masked = mask_seen(scores.clone(), [np.array([1, 3]), np.array([2, 5])])
+    assert masked[0].tolist() == [-math.inf, -math.inf, 4.0, -math.inf, 2.0, 1.0]
+    # user 0 saw items 1 and 3, both above its target: rank 3 -> 1. User 1 had already seen
+    # its target (item 2): it cannot be recommended, so it ranks last, not first.
+    assert target_ranks(masked, targets).tolist() == [1, 6]
+
+
+class FixedScores(torch.nn.Module):
+    """Scores item i as i, whatever the input: the ranking is known in advance."""
+
+    def __init__(self, n_items):
+        super().__init__()
+        self.n_items = n_items
+
+    def full_sort_scores(self, inputs, lengths):
+        scores = torch.arange(self.n_items, dtype=torch.float32).repeat(len(inputs), 1)
+        scores[:, 0] = -torch.inf
+        return scores
+
+
+def test_evaluate_excludes_the_whole_history_even_beyond_the_window_it_reads():
+    # 10 items (1..9 real), item 9 scores highest. The user's target is item 5; items 9, 8
+    # and 7 are above it, and all three are in the history, but only 8 within the last 2.
+    split = EvalSplit(inputs=[np.array([9, 7, 1, 8], dtype=np.int64)],
+                      targets=np.array([5], dtype=np.int64))
+    model, cpu = FixedScores(10), torch.device("cpu")
+    assert evaluate(model, split, 2, cpu)["mrr@20"] == pytest.approx(1 / 5)   # rank 4 (0-based)
+    assert evaluate(model, split, 2, cpu, exclude_seen=True)["mrr@20"] == pytest.approx(1 / 2)
+    assert evaluate(model, split, 0, cpu, exclude_seen=True)["mrr@20"] == pytest.approx(1 / 2)
 
 
 def test_format_table_lists_every_metric():
@@ -323,6 +359,11 @@ def test_cli_train_then_evaluate(tmp_path, clean_env, capsys):
     header = next(line for line in lines if "hr@10" in line)
     hr10 = float(test_row.split()[1 + header.split().index("hr@10")])
     assert hr10 == pytest.approx(run["test"]["hr@10"], abs=1e-4)
+
+    rc = cli.main(["evaluate", str(ckpt), "--dataset", str(dataset), "--device", "cpu",
+                   "--exclude-seen"])
+    assert rc == 0
+    assert "items the user saw excluded" in capsys.readouterr().out
 
 
 def test_cli_evaluate_uses_the_filters_the_checkpoint_was_trained_with(tmp_path, clean_env,

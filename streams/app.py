@@ -128,6 +128,18 @@ class ScorerWorker(faust.Worker):
         timer.start()
 
 
+def worker_health(agent, recovery, watcher=None) -> tuple[bool, dict]:
+    """/health: ok once the agent runs and the first table recovery is done, and as long as
+    the model watcher (when there is one) still follows `model-updates`."""
+    ok = agent.started and recovery.completed.is_set()
+    details = {"model_version": agent.scorer.version, **agent.counts}
+    if watcher is not None:
+        details["model_updates"] = ("following" if watcher.following else
+                                    f"stopped: {watcher.failure or 'the thread ended'}")
+        ok = ok and watcher.following
+    return ok, details
+
+
 def run_worker(cfg: StreamConfig) -> None:
     logging.basicConfig(level=cfg.log_level.upper())
     ensure_topics(cfg.broker, topic_partitions(cfg), cfg.replication)
@@ -135,15 +147,7 @@ def run_worker(cfg: StreamConfig) -> None:
     metrics = WorkerMetrics(cfg.data_dir)
     metrics.serving(scorer.version)
     app, agent = create_app(cfg, scorer, metrics)
-    if cfg.metrics_port:
-        try:
-            MetricsServer(cfg.metrics_port, metrics.registry, health=lambda: (
-                agent.started and app.tables.recovery.completed.is_set(),
-                {"model_version": agent.scorer.version, **agent.counts})).start()
-        except OSError as exc:          # e.g. a second worker on this host, same port
-            logging.getLogger(__name__).error(
-                "no metrics/health endpoint: port %d: %s (set --metrics-port); scoring goes on",
-                cfg.metrics_port, exc)
+    watcher = None
     if cfg.follow_model_updates:
         ensure_model_updates_topic(cfg.broker, cfg.model_updates_topic, cfg.replication)
         watcher = ModelWatcher(
@@ -153,6 +157,14 @@ def run_worker(cfg: StreamConfig) -> None:
             current_version=scorer.version, device=scorer.device,
             on_refused=lambda version, reason: metrics.model_refused.inc())
         watcher.start()
+    if cfg.metrics_port:
+        try:
+            MetricsServer(cfg.metrics_port, metrics.registry, health=lambda: worker_health(
+                agent, app.tables.recovery, watcher)).start()
+        except OSError as exc:          # e.g. a second worker on this host, same port
+            logging.getLogger(__name__).error(
+                "no metrics/health endpoint: port %d: %s (set --metrics-port); scoring goes on",
+                cfg.metrics_port, exc)
     worker = ScorerWorker(app, loglevel=cfg.log_level.upper(), quiet=True)
     worker.shutdown_timeout_s = cfg.shutdown_timeout_s
     # Faust's progress spinner sets the root logger to DEBUG whatever the log level, and

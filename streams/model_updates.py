@@ -5,6 +5,8 @@ scorer that starts later still finds the current version. Each scorer reads the 
 its beginning without a consumer group (every scorer sees every announcement), in a thread
 that also loads and checks the file: the model thread only swaps a ready model in between
 batches. A version that cannot be loaded is refused with one error line; the old one serves on.
+Whatever one record holds, it cannot stop the thread; if the thread ends anyway (the consumer
+fails), `failure` says why, and the worker's /health turns from ok to failing.
 """
 
 from __future__ import annotations
@@ -90,26 +92,39 @@ class ModelWatcher(threading.Thread):
         self.stopping = threading.Event()
         self.refused: list[str] = []
         self.on_refused = on_refused or (lambda version, reason: None)
+        self.failure: str | None = None
+
+    @property
+    def following(self) -> bool:
+        """Still following the topic (False once the thread has ended, for whatever reason)."""
+        return self.is_alive() and self.failure is None
 
     def run(self) -> None:
-        consumer = _consumer(self.bootstrap)
         try:
-            # What is already on the topic: only the newest announcement matters.
-            existing = _read_to_end(consumer, self.topic, timeout=10)
-            if existing:
-                self.handle(existing[-1])
-            while not self.stopping.is_set():
-                msg = consumer.poll(0.5)
-                if msg is None or msg.error():
-                    continue
-                self.handle(msg.value())
-        finally:
-            consumer.close()
+            consumer = _consumer(self.bootstrap)
+            try:
+                # What is already on the topic: only the newest announcement matters.
+                existing = _read_to_end(consumer, self.topic, timeout=10)
+                if existing:
+                    self.handle(existing[-1])
+                while not self.stopping.is_set():
+                    msg = consumer.poll(0.5)
+                    if msg is None or msg.error():
+                        continue
+                    self.handle(msg.value())
+            finally:
+                consumer.close()
+        except Exception as exc:        # the consumer itself failed: say so, on /health too
+            self.failure = f"{type(exc).__name__}: {exc}"
+            log.exception("model watcher stopped; version %s keeps serving, no updates follow",
+                          self.current)
 
     def handle(self, value: bytes) -> None:
         try:
             announcement = json.loads(value)
             version = announcement["version"]
+            if not isinstance(version, str):
+                raise TypeError("version is not a string")
         except (ValueError, TypeError, KeyError):
             log.error("refused a model-updates record that is not an announcement: %r", value[:200])
             return
@@ -117,15 +132,15 @@ class ModelWatcher(threading.Thread):
             return
         try:
             model, payload = self.store.load(announcement, self.device)
-        except (ValueError, OSError, KeyError) as exc:
+            self.on_model(model, payload, announcement)
+        except Exception as exc:        # any fault of one version is that version's refusal
             self.refused.append(version)
-            self.on_refused(version, str(exc))
-            log.error("refused model version %s: %s; version %s keeps serving",
-                      version, exc, self.current)
+            self.on_refused(version, f"{type(exc).__name__}: {exc}")
+            log.error("refused model version %s: %s: %s; version %s keeps serving",
+                      version, type(exc).__name__, exc, self.current)
             return
         self.current = version
         log.info("model version %s loaded (parent %s)", version, announcement.get("parent"))
-        self.on_model(model, payload, announcement)
 
     def stop(self) -> None:
         self.stopping.set()

@@ -85,3 +85,80 @@ def test_a_user_with_very_many_events_keeps_a_constant_size_record():
         sizes.append(len(updated["heavy"].to_bytes()))
     assert record.events_applied == 10_000 and len(record.history) == 50
     assert max(sizes) - min(sizes) < 200                    # only the header's numbers grow
+
+
+# ------------------------------------------------------------------- `mlsa4rec produce`
+
+GOOD_LINE = '{"user_id": "u1", "item_id": "i1", "timestamp": 1700000000000}'
+
+
+@pytest.mark.parametrize("bad_line, reason", [
+    ("{not json", "Expecting property name"),
+    ('["u1", "i1"]', "not a JSON object"),
+    ('{"user_id": "u1"}', "user_id and item_id are required"),
+    ('{"user_id": "u1", "item_id": "i1", "timestamp": "yesterday"}',
+     "timestamp 'yesterday' is not epoch milliseconds"),
+    ('{"user_id": "u1", "item_id": "i1", "properties": {"n": 1}}', "properties"),
+])
+def test_each_bad_click_record_is_named_with_its_file_and_record(tmp_path, bad_line, reason):
+    from streams.clients import BadClick, read_clicks
+
+    path = tmp_path / "clicks.jsonl"
+    path.write_text("\n".join([GOOD_LINE, "", GOOD_LINE, bad_line, GOOD_LINE]) + "\n")
+    clicks = read_clicks(str(path))
+    assert [next(clicks)["item_id"], next(clicks)["item_id"]] == ["i1", "i1"]
+    with pytest.raises(BadClick, match=f"clicks.jsonl: record 3: .*{reason}"):
+        next(clicks)
+
+
+def test_a_bad_csv_row_is_named_too(tmp_path):
+    from streams.clients import BadClick, check_clicks
+
+    path = tmp_path / "clicks.csv"
+    path.write_text("user_id,item_id,timestamp\nu1,i1,1700000000000\nu2,,1700000000001\n")
+    with pytest.raises(BadClick, match="clicks.csv: record 2: user_id and item_id are required"):
+        check_clicks(str(path))
+
+
+class RecordingProducer:
+    sent: list = []
+
+    def __init__(self, config):
+        pass
+
+    def produce(self, topic, key, value, on_delivery):
+        RecordingProducer.sent.append(key)
+
+    def poll(self, timeout):
+        return 0
+
+    def flush(self, timeout):
+        return 0
+
+
+def test_produce_sends_nothing_of_a_file_with_a_bad_record_and_says_so_for_stdin(
+        tmp_path, monkeypatch):
+    import io
+
+    import cli
+    from streams import clients
+
+    monkeypatch.setattr(clients, "Producer", RecordingProducer)
+    RecordingProducer.sent = []
+    path = tmp_path / "clicks.jsonl"
+    path.write_text("\n".join([GOOD_LINE, GOOD_LINE, '{"user_id": "u3"}', GOOD_LINE]) + "\n")
+    with pytest.raises(SystemExit, match="nothing sent: .*clicks.jsonl: record 3"):
+        cli.main(["produce", str(path)])
+    assert RecordingProducer.sent == []                        # a fixed file can be sent whole
+
+    # stdin cannot be read twice: what came before the bad record is sent, and counted
+    monkeypatch.setattr("sys.stdin", io.StringIO(path.read_text()))
+    with pytest.raises(SystemExit, match="-: record 3: .*the 2 clicks before it were sent"):
+        cli.main(["produce", "-"])
+    assert RecordingProducer.sent == [b"u1", b"u1"]
+
+    path.write_text(GOOD_LINE + "\n")
+    assert cli.main(["produce", str(path)]) == 0
+    assert RecordingProducer.sent == [b"u1", b"u1", b"u1"]
+    with pytest.raises(SystemExit, match="cannot read .*missing.jsonl"):
+        cli.main(["produce", str(tmp_path / "missing.jsonl")])

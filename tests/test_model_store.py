@@ -1,12 +1,15 @@
 """The model store: a directory or any fsspec URL; versions load only whole, checked, inside."""
 
 import hashlib
+import json
+import threading
 
 import pytest
 import torch
 
 from model.models import build_model
 from streams.model_store import ModelStore
+from streams.model_updates import ModelWatcher
 
 IDS = ["[PAD]"] + [f"i{n}" for n in range(1, 20)]
 
@@ -45,3 +48,80 @@ def test_a_published_version_loads_and_a_bad_one_is_refused(store):
         store.load({**announcement, "path": "garbage.pt",
                     "sha256": hashlib.sha256(garbage).hexdigest()})
 
+
+
+# ------------------------------------------------------------------ the scorer's watcher
+
+def test_no_record_stops_the_watcher_each_bad_version_is_refused_and_good_ones_load(tmp_path):
+    store = ModelStore(tmp_path / "models")
+    torch.manual_seed(0)
+    model = build_model("mlsa4rec-s", len(IDS), {"hidden": 16, "n_heads": 2, "n_interests": 4})
+    first = store.publish(model, IDS, {}, parent="v0")
+    second = store.publish(model, IDS, {}, parent=first["version"])
+    served, refused = [], []
+    fail_next_swap = {"on": False}
+
+    def on_model(model, payload, announcement):
+        if fail_next_swap["on"]:
+            fail_next_swap["on"] = False
+            raise RuntimeError("swap failed")
+        served.append(payload["version"])
+
+    watcher = ModelWatcher("127.0.0.1:1", "model-updates", store, on_model, current_version="v0",
+                           on_refused=lambda version, reason: refused.append((version, reason)))
+    not_announcements = [b"\xff not json", b'"a string"', b"[1, 2]", b"{}", b'{"version": 5}']
+    for value in not_announcements:
+        watcher.handle(value)                  # logged and ignored: not even a version to refuse
+    for bad in ({"version": "v-path-not-text", "path": 5, "sha256": "ab"},
+                {"version": "v-no-file", "path": "missing.pt", "sha256": "ab"},
+                {**first, "sha256": "0" * 64}):
+        watcher.handle(json.dumps(bad).encode())
+    assert [version for version, _ in refused] == ["v-path-not-text", "v-no-file",
+                                                   first["version"]]
+    assert "TypeError" in refused[0][1] and "sha256" in refused[2][1]
+    assert served == [] and watcher.current == "v0"
+
+    fail_next_swap["on"] = True                # loads, but handing it to the agent fails
+    watcher.handle(json.dumps(first).encode())
+    assert refused[-1] == (first["version"], "RuntimeError: swap failed")
+    assert watcher.current == "v0"
+    watcher.handle(json.dumps(second).encode())
+    watcher.handle(json.dumps(second).encode())    # the serving version again: nothing to do
+    assert served == [second["version"]] and watcher.current == second["version"]
+
+
+class FailingConsumer:
+    def assign(self, partitions):
+        pass
+
+    def get_watermark_offsets(self, partition, timeout=None):
+        return 0, 0
+
+    def poll(self, timeout):
+        raise RuntimeError("broker gone")
+
+    def close(self):
+        pass
+
+
+def test_a_watcher_that_stops_turns_the_worker_health_to_failing(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from streams import model_updates
+    from streams.app import worker_health
+
+    agent = SimpleNamespace(started=True, scorer=SimpleNamespace(version="v0"),
+                            counts={"applied": 3})
+    recovery = SimpleNamespace(completed=threading.Event())
+    recovery.completed.set()
+    watcher = ModelWatcher("127.0.0.1:1", "model-updates", ModelStore(tmp_path / "models"),
+                           on_model=None, current_version="v0")
+    assert worker_health(agent, recovery) == (True, {"model_version": "v0", "applied": 3})
+
+    monkeypatch.setattr(model_updates, "_consumer", lambda bootstrap: FailingConsumer())
+    watcher.start()
+    watcher.join(10)
+    assert not watcher.is_alive() and not watcher.following
+    ok, details = worker_health(agent, recovery, watcher)
+    assert not ok
+    assert details["model_updates"] == "stopped: RuntimeError: broker gone"

@@ -29,7 +29,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from schemas.codec import DecodeError, decode_interaction, encode_recommendation
+from schemas.codec import DecodeError, encode_recommendation
+from streams.clicks import checked_click
 from streams.pipeline import UnwrittenRecords
 from streams.scoring import BatchStats, Event, UserRecord
 from streams.tables import as_current
@@ -37,23 +38,10 @@ from streams.tables import as_current
 log = logging.getLogger(__name__)
 
 
-MAX_ID_BYTES = 1024     # longer ids are refused: a table key / history entry per event
-
-
 def to_event(message_event) -> Event:
     """Decode one Kafka message into an Event, or raise DecodeError with the reason."""
-    record = decode_interaction(message_event.value)
-    for name in ("user_id", "item_id", "event_id"):
-        if not record.get(name):
-            raise DecodeError(f"empty {name}")
-        if len(record[name].encode()) > MAX_ID_BYTES:
-            raise DecodeError(f"{name} longer than {MAX_ID_BYTES} bytes "
-                              f"({len(record[name].encode())})")
     message = message_event.message
-    # All of a user's events must share one partition (one state, in order): the key decides it.
-    if message.key != record["user_id"].encode():
-        raise DecodeError(f"message key {message.key!r:.80} is not the user_id: a user's "
-                          "events must be keyed by user_id to share one partition")
+    record = checked_click(message_event.value, message.key)
     return Event(record["user_id"], record["item_id"], record["event_id"],
                  int(record["timestamp"]), message.partition, message.offset)
 

@@ -69,6 +69,7 @@ class TrainerConfig:
     recent_users: int = 2000
     reservoir_users: int = 2000
     item_chunk: int = 256               # spare embedding rows added at a time for new items
+    max_items: int = 1_000_000          # vocabulary cap: clicks on further new items are skipped
     device: str = "auto"
     threads: int = 0
     seed: int = 0

@@ -61,11 +61,16 @@ class OnlineTrainer:
         self.recent_timestamps: deque[int] = deque(maxlen=cfg.holdout_events + 1)
         self.new_items_since_round = 0
 
-    def add(self, user: str, item: str, timestamp_ms: int = 0) -> None:
+    def add(self, user: str, item: str, timestamp_ms: int = 0) -> bool:
+        """Keep one click; False (nothing kept) for a new item once the vocabulary holds
+        max_items: each item costs an embedding row in every version published after it."""
+        if item not in self.index and len(self.item_ids) >= self.cfg.max_items:
+            return False
         self.buffer.add(user, item)
         self._index_of(item)
         self.recent_timestamps.append(timestamp_ms)
         self.events_since_round += 1
+        return True
 
     def _index_of(self, item: str) -> int:
         if item not in self.index:
@@ -151,7 +156,8 @@ def run_trainer(cfg: TrainerConfig, stop=None) -> None:
 
     from model.checkpoint import load_checkpoint
     from model.training import pick_device
-    from schemas.codec import DecodeError, decode_interaction
+    from schemas.codec import DecodeError
+    from streams.clicks import checked_click
     from streams.kafka_config import client_config
     from streams.metrics import MetricsServer, TrainerMetrics
     from streams.model_store import ModelStore
@@ -211,7 +217,7 @@ def run_trainer(cfg: TrainerConfig, stop=None) -> None:
                          # a round blocks polling; it must not cost the group membership
                          "max.poll.interval.ms": 600_000})
     consumer.subscribe([cfg.interactions_topic])
-    skipped, last_commit, uncommitted = 0, time.monotonic(), 0
+    last_commit, uncommitted = time.monotonic(), 0
     try:
         while stop is None or not stop.is_set():
             for msg in consumer.consume(500, 0.5):
@@ -219,13 +225,14 @@ def run_trainer(cfg: TrainerConfig, stop=None) -> None:
                     continue
                 uncommitted += 1
                 try:
-                    event = decode_interaction(msg.value())
+                    event = checked_click(msg.value(), msg.key())
                 except DecodeError:
-                    skipped += 1        # the scorer sends it to the dead-letter topic
+                    metrics.skipped.labels("refused").inc()   # the scorer dead-letters it
                     continue
-                if event.get("user_id") and event.get("item_id"):
-                    trainer.add(event["user_id"], event["item_id"], int(event["timestamp"]))
+                if trainer.add(event["user_id"], event["item_id"], int(event["timestamp"])):
                     metrics.events.inc()
+                else:
+                    metrics.skipped.labels("vocabulary_full").inc()
             if trainer.due():
                 previous = trainer.version
                 result = trainer.run_round()

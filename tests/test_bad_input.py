@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from schemas.codec import DecodeError, encode_interaction
-from streams.agents import MAX_ID_BYTES, to_event
+from streams.agents import to_event
+from streams.clicks import MAX_ID_BYTES
 from streams.scoring import Event, Scorer, UserRecord
 from tests.test_scoring import ITEM_IDS, small_model
 

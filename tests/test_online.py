@@ -245,3 +245,14 @@ def holdout_of(trainer):
     examples = trainer.buffer.holdout_examples()
     return ([np.array([ITEM_IDS.index(i) for i in h]) for h, _ in examples],
             [ITEM_IDS.index(t) for _, t in examples])
+
+
+def test_once_the_vocabulary_is_full_clicks_on_new_items_are_skipped(phase_a_model, tmp_path):
+    trainer = make_trainer(phase_a_model, tmp_path, [], max_items=len(ITEM_IDS) + 1)
+    assert trainer.add("u1", ITEM_IDS[3])
+    assert trainer.add("u1", "new-1")                     # takes the last place
+    assert not trainer.add("u1", "new-2")                 # full: skipped, nothing kept
+    assert trainer.add("u1", "new-1") and trainer.add("u1", ITEM_IDS[4])   # known: kept
+    assert trainer.item_ids == list(ITEM_IDS) + ["new-1"]
+    assert trainer.buffer.sequence("u1") == ["i3", "new-1", "new-1", "i4"]
+    assert trainer.events_since_round == 4

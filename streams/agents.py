@@ -63,16 +63,19 @@ class Job:
 
 
 FAULT_POINTS = ("after_consume", "after_score", "after_produce", "after_state_write", "after_ack")
+RAISE_IN_SCORING = "raise_in_scoring"       # an exception, not an exit: what a bug would do
 
 
 def parse_fault(text: str) -> tuple[str, int] | None:
     """MLSA4REC_FAULT="<point>:<batch number>": the crash tests' injected fault (os._exit at
-    that point of that batch, like a SIGKILL); unset in production."""
+    that point of that batch, like a SIGKILL, or an exception raised in the model thread);
+    unset in production."""
     if not text:
         return None
     point, _, number = text.partition(":")
-    if point not in FAULT_POINTS or not number.isdigit():
-        raise ValueError(f"MLSA4REC_FAULT={text!r}: want <{'|'.join(FAULT_POINTS)}>:<batch>")
+    points = FAULT_POINTS + (RAISE_IN_SCORING,)
+    if point not in points or not number.isdigit():
+        raise ValueError(f"MLSA4REC_FAULT={text!r}: want <{'|'.join(points)}>:<batch>")
     return point, int(number)
 
 
@@ -169,6 +172,8 @@ class ScoringAgent:
                 self.metrics.serving(self.scorer.version, previous)
         if not events:
             return Scored({}, {}, [], BatchStats())
+        if self.fault == (RAISE_IN_SCORING, number):
+            raise RuntimeError(f"injected fault: an exception in scoring batch {number}")
         updated, recs, stats = self.scorer.process(events,
                                                    self.unwritten.overlay(records, read_after))
         self.unwritten.add(updated, number)

@@ -12,6 +12,7 @@ import os
 import threading
 
 import faust
+import mode
 import torch
 
 from model.checkpoint import load_checkpoint
@@ -71,7 +72,11 @@ def create_app(cfg: StreamConfig, scorer: Scorer, metrics: WorkerMetrics | None 
         recovery=app.tables.recovery, metrics=metrics,
         highwater=lambda tp: app.consumer.highwater(tp))
 
-    @app.agent(interactions, name="score")
+    # An exception in the agent stops the worker (CrashingSupervisor). Faust's default would
+    # restart the agent in this process, over the pipeline of the failed run: its batches'
+    # events still held (their offsets never committed again) and their unwritten records laid
+    # over later reads. A restarted process starts clean and replays from the committed offsets.
+    @app.agent(interactions, name="score", supervisor_strategy=mode.CrashingSupervisor)
     async def score(stream):
         await agent.run(stream)
 

@@ -25,7 +25,7 @@ from confluent_kafka import Consumer, Producer
 from model.checkpoint import save_checkpoint
 from model.models import build_model
 from schemas.codec import encode_interaction
-from streams.agents import FAULT_POINTS
+from streams.agents import FAULT_POINTS, RAISE_IN_SCORING
 from streams.app import hold_events_until_streams_resume
 from streams.clients import PRODUCER_DEFAULTS, produce_clicks, tail_recommendations
 from streams.local_broker import free_ports
@@ -262,6 +262,35 @@ def test_a_crash_at_any_step_of_the_batch_cycle_loses_nothing(
             produce_clicks(kafka_bootstrap_server, f"interactions-{name}", clicks[start:start + 5])
             time.sleep(0.3)
         assert worker.process.wait(60) == 70, worker.log_tail()      # the injected exit
+        del worker.env["MLSA4REC_FAULT"]
+        worker.start()
+        produce_clicks(kafka_bootstrap_server, f"interactions-{name}", clicks[30:])
+        got = collect(kafka_bootstrap_server, f"recommendations-{name}",
+                      {c["event_id"] for c in clicks})
+        assert_matches_offline(got, offline_expectation(model, clicks))
+    finally:
+        worker.stop()
+
+
+def test_an_exception_in_scoring_stops_the_worker_and_a_restart_loses_nothing(
+        kafka_bootstrap_server, checkpoint, tmp_path):
+    """A bug (an exception in the model thread, 3rd batch) must not leave the worker running
+    on a half-failed pipeline (Faust's default supervisor restarts the agent in the process):
+    the worker exits with an error, and restarted, every click gets recommendations equal to
+    an uninterrupted run."""
+    path, model = checkpoint
+    name = uuid.uuid4().hex[:8]
+    worker = Worker(kafka_bootstrap_server, path, tmp_path, name)
+    worker.env["MLSA4REC_FAULT"] = f"{RAISE_IN_SCORING}:2"
+    clicks = clicks_for(n_users=5, per_user=12, seed=4)
+    worker.start()
+    try:
+        for start in range(0, 30, 5):
+            produce_clicks(kafka_bootstrap_server, f"interactions-{name}", clicks[start:start + 5])
+            time.sleep(0.3)
+        code = worker.process.wait(60)
+        assert code != 0, worker.log_tail()
+        assert "injected fault: an exception in scoring batch 2" in worker.log_tail()
         del worker.env["MLSA4REC_FAULT"]
         worker.start()
         produce_clicks(kafka_bootstrap_server, f"interactions-{name}", clicks[30:])

@@ -22,12 +22,30 @@ from streams.config import StreamConfig
 from streams.kafka_config import faust_credentials
 from streams.metrics import MetricsServer, WorkerMetrics
 from streams.model_store import ModelStore
-from streams.model_updates import ModelWatcher, ensure_model_updates_topic
+from streams.model_updates import (ModelWatcher, ensure_model_updates_topic, newest_loadable,
+                                   read_announcements)
 from streams.scoring import Scorer
 from streams.tables import user_state_table
 from streams.topics import ensure_topics, raw_topic, topic_partitions
 
 STATE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+
+
+def starting_model(cfg: StreamConfig, device):
+    """(model, payload) to serve from the first batch: the newest announced version that loads
+    when the worker follows `model-updates` (a restarted worker goes on where the fleet is,
+    instead of serving --checkpoint until its watcher catches up and rebuilding every state
+    twice), else --checkpoint."""
+    if cfg.follow_model_updates:
+        announcements = read_announcements(cfg.broker, cfg.model_updates_topic)
+        newest = newest_loadable(ModelStore(cfg.model_store), announcements, device)
+        if newest is not None:
+            return newest
+        if announcements:
+            logging.getLogger(__name__).error(
+                "none of the %d announced model versions loads from %s; serving %s",
+                len(announcements), cfg.model_store, cfg.checkpoint)
+    return load_checkpoint(cfg.checkpoint, device=device)
 
 
 def build_scorer(cfg: StreamConfig) -> Scorer:
@@ -36,7 +54,7 @@ def build_scorer(cfg: StreamConfig) -> Scorer:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
-    model, payload = load_checkpoint(cfg.checkpoint, device=device)
+    model, payload = starting_model(cfg, device)
     return Scorer(model, payload["item_ids"], payload["version"], device=device,
                   top_k=cfg.top_k, exclude_seen=cfg.exclude_seen,
                   state_dtype=STATE_DTYPES[cfg.state_dtype], rebuild_states=cfg.rebuild_states,
@@ -148,13 +166,14 @@ def worker_health(agent, recovery, watcher=None) -> tuple[bool, dict]:
 def run_worker(cfg: StreamConfig) -> None:
     logging.basicConfig(level=cfg.log_level.upper())
     ensure_topics(cfg.broker, topic_partitions(cfg), cfg.replication)
+    if cfg.follow_model_updates:
+        ensure_model_updates_topic(cfg.broker, cfg.model_updates_topic, cfg.replication)
     scorer = build_scorer(cfg)
     metrics = WorkerMetrics(cfg.data_dir)
     metrics.serving(scorer.version)
     app, agent = create_app(cfg, scorer, metrics)
     watcher = None
     if cfg.follow_model_updates:
-        ensure_model_updates_topic(cfg.broker, cfg.model_updates_topic, cfg.replication)
         watcher = ModelWatcher(
             cfg.broker, cfg.model_updates_topic, ModelStore(cfg.model_store),
             on_model=lambda model, payload, announcement: agent.serve_next(

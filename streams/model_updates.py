@@ -55,6 +55,18 @@ def read_announcements(bootstrap: str, topic: str, timeout: float = 5.0) -> list
     return out
 
 
+def newest_loadable(store: ModelStore, announcements: list[dict], device="cpu"):
+    """(model, payload) of the newest announced version that loads from the store, or None;
+    each newer one that does not is logged with its reason."""
+    for announcement in reversed(announcements):
+        try:
+            return store.load(announcement, device)
+        except Exception as exc:        # any fault of one version is that version's refusal
+            log.error("announced version %s unusable: %s: %s", announcement.get("version"),
+                      type(exc).__name__, exc)
+    return None
+
+
 def _read_to_end(consumer: Consumer, topic: str, timeout: float) -> list[bytes]:
     """Assign the topic's partition from its start; the values up to its current end
     ([] if there is no such topic yet)."""

@@ -48,10 +48,20 @@ class ReplayBuffer:
             self._restore(json.loads(raw))
 
     # -- writing ----------------------------------------------------------------------------
-    def add(self, user: str, item: str) -> None:
-        sequence = self.sequence(user)
+    def add(self, user: str, item: str, position: tuple[int, int] | None = None) -> bool:
+        """Append a click to the user's sequence. position = (partition, offset) of the click
+        in `interactions`: one at or before the user's last stored position was added already
+        (the trainer crashed after adding it, before committing its offset, and reads it
+        again), so it is skipped: False. The position is stored with the sequence, in one
+        write."""
+        sequence, last = self._stored(user)
+        if position is not None and last is not None and last[0] == position[0] \
+                and position[1] <= last[1]:
+            return False
         sequence.append(item)
-        self.db[b"u" + user.encode()] = json.dumps(sequence[-self.cfg.max_seq_len:]).encode()
+        self.db[b"u" + user.encode()] = json.dumps({
+            "items": sequence[-self.cfg.max_seq_len:],
+            "position": list(position) if position is not None else last}).encode()
         self.events_seen += 1
         self.recent.append(user)
         if len(self.reservoir) < self.cfg.reservoir_users:
@@ -67,6 +77,7 @@ class ReplayBuffer:
             self.held_out[oldest] -= 1
             if not self.held_out[oldest]:
                 del self.held_out[oldest]
+        return True
 
     def flush(self) -> None:
         """Save the sampling index next to the sequences."""
@@ -89,8 +100,18 @@ class ReplayBuffer:
 
     # -- reading ----------------------------------------------------------------------------
     def sequence(self, user: str) -> list[str]:
+        return self._stored(user)[0]
+
+    def _stored(self, user: str) -> tuple[list[str], list | None]:
+        """(items, last position) of a user; a buffer written before positions were kept
+        stored the bare list of items."""
         raw = self.db.get(b"u" + user.encode())
-        return json.loads(raw) if raw is not None else []
+        if raw is None:
+            return [], None
+        value = json.loads(raw)
+        if isinstance(value, list):
+            return value, None
+        return value["items"], value["position"]
 
     def training_sequence(self, user: str) -> list[str]:
         """The user's sequence without its held-out suffix."""

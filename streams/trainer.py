@@ -61,16 +61,20 @@ class OnlineTrainer:
         self.recent_timestamps: deque[int] = deque(maxlen=cfg.holdout_events + 1)
         self.new_items_since_round = 0
 
-    def add(self, user: str, item: str, timestamp_ms: int = 0) -> bool:
-        """Keep one click; False (nothing kept) for a new item once the vocabulary holds
-        max_items: each item costs an embedding row in every version published after it."""
+    def add(self, user: str, item: str, timestamp_ms: int = 0,
+            position: tuple[int, int] | None = None) -> str | None:
+        """Keep one click (None), or say why it is skipped: "vocabulary_full" for a new item
+        once the vocabulary holds max_items (each item costs an embedding row in every version
+        published after it), "duplicate" for a click at or before the user's last position
+        (partition, offset) in the buffer."""
         if item not in self.index and len(self.item_ids) >= self.cfg.max_items:
-            return False
-        self.buffer.add(user, item)
+            return "vocabulary_full"
+        if not self.buffer.add(user, item, position):
+            return "duplicate"
         self._index_of(item)
         self.recent_timestamps.append(timestamp_ms)
         self.events_since_round += 1
-        return True
+        return None
 
     def _index_of(self, item: str) -> int:
         if item not in self.index:
@@ -161,7 +165,8 @@ def run_trainer(cfg: TrainerConfig, stop=None) -> None:
     from streams.kafka_config import client_config
     from streams.metrics import MetricsServer, TrainerMetrics
     from streams.model_store import ModelStore
-    from streams.model_updates import announce, ensure_model_updates_topic, read_announcements
+    from streams.model_updates import (announce, ensure_model_updates_topic, newest_loadable,
+                                       read_announcements)
     from streams.topics import ensure_topics
 
     logging.basicConfig(level=cfg.log_level.upper(),
@@ -172,14 +177,8 @@ def run_trainer(cfg: TrainerConfig, stop=None) -> None:
     ensure_topics(cfg.broker, {cfg.interactions_topic: cfg.partitions}, cfg.replication)
     ensure_model_updates_topic(cfg.broker, cfg.model_updates_topic, cfg.replication)
     store = ModelStore(cfg.model_store)
-    model = payload = None
     announcements = read_announcements(cfg.broker, cfg.model_updates_topic)
-    for announcement in reversed(announcements):
-        try:
-            model, payload = store.load(announcement, device)
-            break
-        except (ValueError, OSError) as exc:
-            log.error("announced version %s unusable: %s", announcement.get("version"), exc)
+    model, payload = newest_loadable(store, announcements, device) or (None, None)
     if model is None and announcements:
         # Announcing the start checkpoint now would roll every scorer back to it.
         raise RuntimeError(f"none of the {len(announcements)} announced model versions loads "
@@ -229,10 +228,12 @@ def run_trainer(cfg: TrainerConfig, stop=None) -> None:
                 except DecodeError:
                     metrics.skipped.labels("refused").inc()   # the scorer dead-letters it
                     continue
-                if trainer.add(event["user_id"], event["item_id"], int(event["timestamp"])):
-                    metrics.events.inc()
+                skipped = trainer.add(event["user_id"], event["item_id"],
+                                      int(event["timestamp"]), (msg.partition(), msg.offset()))
+                if skipped:
+                    metrics.skipped.labels(skipped).inc()
                 else:
-                    metrics.skipped.labels("vocabulary_full").inc()
+                    metrics.events.inc()
             if trainer.due():
                 previous = trainer.version
                 result = trainer.run_round()

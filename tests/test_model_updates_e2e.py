@@ -105,3 +105,35 @@ def test_a_trainer_that_cannot_load_any_announced_version_does_not_roll_back(
         run_trainer(cfg, stop)
     stop.set()
     assert [a["version"] for a in read_announcements(kafka_bootstrap_server, updates)] == ["v7"]
+
+
+def test_a_worker_starts_on_the_newest_announced_version_that_loads(
+        kafka_bootstrap_server, checkpoint, tmp_path):
+    """A restarted worker serves the fleet's version from its first batch, not --checkpoint
+    until its watcher catches up (which also rebuilt every state twice)."""
+    from model.checkpoint import load_checkpoint
+    from streams.app import starting_model
+    from streams.config import StreamConfig
+    from streams.model_store import ModelStore
+
+    path, _ = checkpoint
+    name = uuid.uuid4().hex[:8]
+    updates = f"model-updates-{name}"
+    store = ModelStore(tmp_path / "models")
+    model, payload = load_checkpoint(path)
+    cfg = StreamConfig(broker=kafka_bootstrap_server, model_updates_topic=updates,
+                       model_store=str(tmp_path / "models"), checkpoint=str(path))
+    ensure_model_updates_topic(kafka_bootstrap_server, updates, 1)
+    assert starting_model(cfg, "cpu")[1]["version"] == "test-v1"      # nothing announced yet
+
+    first = store.publish(model, payload["item_ids"], {}, parent="test-v1")
+    second = store.publish(model, payload["item_ids"], {}, parent=first["version"])
+    for announcement in (first, second, {**second, "version": "broken", "sha256": "0" * 64}):
+        announce(kafka_bootstrap_server, updates, announcement)
+    assert starting_model(cfg, "cpu")[1]["version"] == second["version"]   # newest that loads
+
+    cfg.follow_model_updates = False
+    assert starting_model(cfg, "cpu")[1]["version"] == "test-v1"
+
+    cfg.follow_model_updates, cfg.model_store = True, str(tmp_path / "emptied")
+    assert starting_model(cfg, "cpu")[1]["version"] == "test-v1"      # none loads: logged

@@ -43,6 +43,26 @@ def test_buffer_is_bounded_and_holds_out_the_newest_events(tmp_path):
     assert (list(reopened.recent), list(reopened.reservoir), reopened.holdout_examples()) == before
 
 
+def test_a_click_read_again_after_a_crash_is_not_added_twice(tmp_path):
+    """The trainer adds clicks as it reads them and commits their offsets every few seconds:
+    after a crash it reads the uncommitted ones again. The position stored with each user's
+    sequence recognises them, across a restart too."""
+    buffer = ReplayBuffer(tmp_path / "buf", BufferConfig(max_seq_len=10, holdout_events=1))
+    assert buffer.add("u1", "a", (0, 10)) and buffer.add("u1", "b", (0, 11))
+    assert buffer.add("u2", "x", (1, 3))
+    buffer.db.close()                                       # killed: no flush, no commit
+    reopened = ReplayBuffer(tmp_path / "buf", BufferConfig(max_seq_len=10, holdout_events=1))
+    assert not reopened.add("u1", "a", (0, 10))             # read again from offset 10
+    assert not reopened.add("u1", "b", (0, 11))
+    assert reopened.add("u1", "c", (0, 12)) and reopened.add("u2", "y", (1, 4))
+    assert reopened.sequence("u1") == ["a", "b", "c"] and reopened.sequence("u2") == ["x", "y"]
+    assert reopened.add("u1", "d")                          # no position: always added
+    # A buffer written before positions were kept stored the bare list; it still reads.
+    reopened.db[b"u" + b"old"] = b'["p", "q"]'
+    assert reopened.sequence("old") == ["p", "q"] and reopened.add("old", "r", (2, 0))
+    assert reopened.sequence("old") == ["p", "q", "r"]
+
+
 # -- vocabulary growth -------------------------------------------------------------------------
 def test_growing_the_vocabulary_keeps_every_known_score(tmp_path):
     torch.manual_seed(0)
@@ -249,10 +269,10 @@ def holdout_of(trainer):
 
 def test_once_the_vocabulary_is_full_clicks_on_new_items_are_skipped(phase_a_model, tmp_path):
     trainer = make_trainer(phase_a_model, tmp_path, [], max_items=len(ITEM_IDS) + 1)
-    assert trainer.add("u1", ITEM_IDS[3])
-    assert trainer.add("u1", "new-1")                     # takes the last place
-    assert not trainer.add("u1", "new-2")                 # full: skipped, nothing kept
-    assert trainer.add("u1", "new-1") and trainer.add("u1", ITEM_IDS[4])   # known: kept
+    assert trainer.add("u1", ITEM_IDS[3]) is None
+    assert trainer.add("u1", "new-1") is None             # takes the last place
+    assert trainer.add("u1", "new-2") == "vocabulary_full"    # skipped, nothing kept
+    assert trainer.add("u1", "new-1") is None and trainer.add("u1", ITEM_IDS[4]) is None
     assert trainer.item_ids == list(ITEM_IDS) + ["new-1"]
     assert trainer.buffer.sequence("u1") == ["i3", "new-1", "new-1", "i4"]
     assert trainer.events_since_round == 4

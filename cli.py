@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -121,6 +122,8 @@ def cmd_replay(args) -> int:
     from streams.replay import ReplayConfig, replay
 
     cfg = typed_config.build(ReplayConfig, args)
+    # SIGTERM as an exception, so the replay records what it delivered before it exits
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     sent = replay(args.source, cfg)
     print(f"replayed {sent} events of {args.source} to {cfg.interactions_topic}", file=sys.stderr)
     return 0

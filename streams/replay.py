@@ -4,8 +4,11 @@ Events go out in timestamp order, ties in file order, keyed by user id (so each 
 events stay in order in one partition), as fast as the broker takes them or time-scaled
 (`speed` = seconds of log per second). Each event's id is `<source>-<row in the file>` and its
 timestamp the log's, so a replay is the same events every time. Progress (how many events of
-this ordering were delivered) goes to a small JSON file after every delivered chunk: a second
-run continues where the first stopped and sends nothing twice.
+this ordering were delivered) goes to a small JSON file after every delivered chunk, and when
+the run is interrupted (Ctrl-C, SIGTERM) once what it produced is delivered: a second run
+continues where the first stopped and sends nothing twice. Only a hard kill (SIGKILL, power)
+can leave part of a chunk unrecorded; that part is sent again, as new messages with the same
+event ids.
 """
 
 from __future__ import annotations
@@ -89,27 +92,42 @@ def replay(source: str, cfg: ReplayConfig) -> int:
     wall_start, log_start = time.monotonic(), events.timestamps[done] if done < len(events.rows) else 0
     bar = tqdm(total=len(events.rows), initial=done, unit="ev", disable=not cfg.progress,
                desc=f"replay {events.name}")
+    def save_progress(delivered: int) -> None:
+        progress_path.parent.mkdir(parents=True, exist_ok=True)
+        progress_path.write_text(json.dumps({**identity, "delivered": delivered}))
+        bar.update(delivered - bar.n)
+
     sent = 0
-    for index in range(done, len(events.rows)):
-        if cfg.speed:
-            wait = (events.timestamps[index] - log_start) / cfg.speed - (time.monotonic() - wall_start)
-            if wait > 0:
-                time.sleep(wait)
-        user = str(events.users[index])
-        producer.produce(cfg.interactions_topic, key=user.encode(), on_delivery=on_delivery,
-                         value=encode_interaction({
-                             "event_id": f"{events.name}-{events.rows[index]}", "user_id": user,
-                             "item_id": str(events.items[index]), "event_type": "CLICK",
-                             "timestamp": int(events.timestamps[index] * 1000),
-                             "properties": None}))
-        producer.poll(0)
-        sent += 1
-        if sent % CHUNK == 0 or index == len(events.rows) - 1:
-            if producer.flush(60) or failures:
-                raise RuntimeError(f"replay stopped at event {index}: "
-                                   f"{failures[:1] or 'delivery timed out'}; run it again to go on")
-            progress_path.parent.mkdir(parents=True, exist_ok=True)
-            progress_path.write_text(json.dumps({**identity, "delivered": index + 1}))
-            bar.update(index + 1 - bar.n)
-    bar.close()
+    try:
+        for index in range(done, len(events.rows)):
+            if cfg.speed:
+                wait = (events.timestamps[index] - log_start) / cfg.speed - (time.monotonic() - wall_start)
+                if wait > 0:
+                    time.sleep(wait)
+            user = str(events.users[index])
+            producer.produce(cfg.interactions_topic, key=user.encode(), on_delivery=on_delivery,
+                             value=encode_interaction({
+                                 "event_id": f"{events.name}-{events.rows[index]}",
+                                 "user_id": user, "item_id": str(events.items[index]),
+                                 "event_type": "CLICK",
+                                 "timestamp": int(events.timestamps[index] * 1000),
+                                 "properties": None}))
+            producer.poll(0)
+            sent += 1
+            if sent % CHUNK == 0 or index == len(events.rows) - 1:
+                if producer.flush(60) or failures:
+                    raise RuntimeError(f"replay stopped at event {index}: "
+                                       f"{failures[:1] or 'delivery timed out'}; "
+                                       "run it again to go on")
+                save_progress(index + 1)
+    except BaseException:
+        # Interrupted (Ctrl-C, SIGTERM) between chunks: once what was produced is delivered,
+        # record it, so that the next run does not send part of a chunk twice.
+        if not failures:
+            undelivered = producer.flush(30)        # delivery reports land in `failures`
+            if not undelivered and not failures:
+                save_progress(done + sent)
+        raise
+    finally:
+        bar.close()
     return sent

@@ -6,6 +6,7 @@ The end-to-end test replays a user log through a real worker and checks that wha
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import uuid
@@ -88,6 +89,36 @@ def test_replay_is_time_ordered_and_resumable(kafka_bootstrap_server, tmp_path):
     assert count_messages(kafka_bootstrap_server, topic, 2) == len(events.rows) - 20
     later = log_events(str(log), start="1040")
     assert later.timestamps.min() >= 1040 and len(later.rows) < len(events.rows)
+
+
+def test_an_interrupted_replay_records_what_it_sent_and_the_next_run_sends_the_rest_once(
+        kafka_bootstrap_server, tmp_path, monkeypatch):
+    """Ctrl-C in the middle of a chunk (here while a time-scaled replay waits): what was sent
+    is delivered and recorded, so the next run sends each event exactly once in all."""
+    import streams.replay
+
+    log = write_log(tmp_path / "log.csv")
+    n_events = len(log_events(str(log)).rows)
+    topic = f"replay-{uuid.uuid4().hex[:8]}"
+    cfg = ReplayConfig(broker=kafka_bootstrap_server, interactions_topic=topic, partitions=2,
+                       progress_file=str(tmp_path / "progress.json"), progress=False, speed=1.0)
+    waits = []
+
+    def interrupted_sleep(seconds):
+        waits.append(seconds)
+        if len(waits) == 3:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(streams.replay.time, "sleep", interrupted_sleep)
+    with pytest.raises(KeyboardInterrupt):
+        replay(str(log), cfg)
+    first = json.loads((tmp_path / "progress.json").read_text())["delivered"]
+    assert 0 < first < n_events
+    assert count_messages(kafka_bootstrap_server, topic, 2) == first
+
+    cfg.speed = 0.0
+    assert replay(str(log), cfg) == n_events - first
+    assert count_messages(kafka_bootstrap_server, topic, 2) == n_events
 
 
 def test_stream_evaluation_equals_the_offline_computation_and_the_report_renders(

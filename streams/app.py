@@ -152,10 +152,14 @@ class ScorerWorker(faust.Worker):
 
 
 def worker_health(agent, recovery, watcher=None) -> tuple[bool, dict]:
-    """/health: ok once the agent runs and the first table recovery is done, and as long as
-    the model watcher (when there is one) still follows `model-updates`."""
+    """/health: ok once the agent runs and the first table recovery is done, except while a
+    later rebalance's recovery runs ("recovering": Faust's `completed` stays set after the
+    first one, `in_recovery` tells), and as long as the model watcher (when there is one)
+    still follows `model-updates`. A readiness signal: a long restore is not a dead worker."""
     ok = agent.started and recovery.completed.is_set()
     details = {"model_version": agent.scorer.version, **agent.counts}
+    if ok and getattr(recovery, "in_recovery", False):
+        ok, details["status"] = False, "recovering"
     if watcher is not None:
         details["model_updates"] = ("following" if watcher.following else
                                     f"stopped: {watcher.failure or 'the thread ended'}")

@@ -99,6 +99,7 @@ class MetricsServer:
                     body, status, kind = generate_latest(registry_), 200, CONTENT_TYPE_LATEST
                 elif self.path.split("?")[0] == "/health":
                     ok, details = health_()
+                    # details may say why it is not ok in its own "status"
                     body = json.dumps({"status": "ok" if ok else "starting", **details}).encode()
                     status, kind = (200 if ok else 503), "application/json"
                 else:

@@ -104,7 +104,7 @@ class FailingConsumer:
         pass
 
 
-def test_a_watcher_that_stops_turns_the_worker_health_to_failing(tmp_path, monkeypatch):
+def test_worker_health_fails_while_recovering_and_once_the_watcher_stops(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
     from streams import model_updates
@@ -117,6 +117,10 @@ def test_a_watcher_that_stops_turns_the_worker_health_to_failing(tmp_path, monke
     watcher = ModelWatcher("127.0.0.1:1", "model-updates", ModelStore(tmp_path / "models"),
                            on_model=None, current_version="v0")
     assert worker_health(agent, recovery) == (True, {"model_version": "v0", "applied": 3})
+    recovery.in_recovery = True                 # a later rebalance restores partitions
+    assert worker_health(agent, recovery) == (False, {"model_version": "v0", "applied": 3,
+                                                      "status": "recovering"})
+    recovery.in_recovery = False
 
     monkeypatch.setattr(model_updates, "_consumer", lambda bootstrap: FailingConsumer())
     watcher.start()

@@ -26,7 +26,7 @@ from streams.model_updates import (ModelWatcher, ensure_model_updates_topic, new
                                    read_announcements)
 from streams.scoring import Scorer
 from streams.tables import user_state_table
-from streams.topics import ensure_topics, raw_topic, topic_partitions
+from streams.topics import ensure_topics, raw_topic, topic_id, topic_partitions
 
 STATE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
@@ -58,7 +58,8 @@ def build_scorer(cfg: StreamConfig) -> Scorer:
     return Scorer(model, payload["item_ids"], payload["version"], device=device,
                   top_k=cfg.top_k, exclude_seen=cfg.exclude_seen,
                   state_dtype=STATE_DTYPES[cfg.state_dtype], rebuild_states=cfg.rebuild_states,
-                  keep_states_for_versions=cfg.keep_states_for_versions)
+                  keep_states_for_versions=cfg.keep_states_for_versions,
+                  offsets_of=topic_id(cfg.broker, cfg.interactions_topic))
 
 
 def create_app(cfg: StreamConfig, scorer: Scorer, metrics: WorkerMetrics | None = None):

@@ -43,6 +43,7 @@ class UserRecord:
     state: bytes = b""
     last_offset: int = -1
     last_event_id: str = ""
+    offsets_of: str = ""            # the topic (its Kafka topic id) last_offset counts in
     history: list[str] = field(default_factory=list)
     events_applied: int = 0
     unknown_items: int = 0
@@ -77,7 +78,12 @@ class Scorer:
     def __init__(self, model, item_ids: list[str], version: str, device="cpu", top_k: int = 10,
                  exclude_seen: bool = False, state_dtype=torch.float32,
                  history_len: int = HISTORY_LEN, rebuild_states: bool = True,
-                 keep_states_for_versions: int = 0):
+                 keep_states_for_versions: int = 0, offsets_of: str = ""):
+        """offsets_of: identity of the topic the events' offsets count in (the worker passes
+        the Kafka topic id of `interactions`): a record whose offsets count in another topic,
+        one deleted and created again under the same name, does not judge these events by
+        offset ("" = unknown: offsets are trusted)."""
+        self.offsets_of = offsets_of
         self.model = model.to(device).eval()
         self.item_ids = list(item_ids)
         self.index = {raw: i for i, raw in enumerate(self.item_ids) if i > 0}
@@ -147,11 +153,13 @@ class Scorer:
         stats.seconds = time.perf_counter() - started
         return {u: records[u] for u in touched}, recommendations, stats
 
-    @staticmethod
-    def _already_applied(record: UserRecord, event: Event) -> bool:
+    def _already_applied(self, record: UserRecord, event: Event) -> bool:
         if event.event_id and event.event_id == record.last_event_id:
             return True
-        return 0 <= event.offset <= record.last_offset
+        return self._same_offsets(record) and 0 <= event.offset <= record.last_offset
+
+    def _same_offsets(self, record: UserRecord) -> bool:
+        return not (record.offsets_of and self.offsets_of) or record.offsets_of == self.offsets_of
 
     def _load_states(self, users: list[str], records, stats):
         """One batched state, row i = users[i]: stored states unpacked in one call, the others
@@ -198,7 +206,10 @@ class Scorer:
         for event, index in zip(events, items.tolist()):
             record = records[event.user_id]
             record.history = (record.history + [event.item_id])[-self.history_len:]
+            if not self._same_offsets(record):         # the first event of a new topic
+                record.last_offset = -1
             record.last_offset = max(record.last_offset, event.offset)
+            record.offsets_of = self.offsets_of or record.offsets_of
             record.last_event_id = event.event_id
             record.events_applied += 1
             if index == OOV:

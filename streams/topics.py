@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 
+from confluent_kafka import TopicCollection
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from streams.config import StreamConfig
@@ -51,6 +52,14 @@ def ensure_topics(bootstrap: str, wanted: dict[str, int], replication: int = 1,
         if time.monotonic() > deadline:
             raise TimeoutError(f"topics {sorted(wanted)} have no leaders after {timeout} s")
         time.sleep(0.2)
+
+
+def topic_id(bootstrap: str, name: str, timeout: float = 30.0) -> str:
+    """The topic's Kafka topic id: it changes when a topic is deleted and created again under
+    the same name, whose offsets then start over."""
+    admin = AdminClient(client_config(bootstrap))
+    futures = admin.describe_topics(TopicCollection([name]), request_timeout=timeout)
+    return str(futures[name].result(timeout).topic_id)
 
 
 def raw_topic(app, name: str, partitions: int):

@@ -194,3 +194,26 @@ def test_faust_table_smoke(kafka_bootstrap_server, tmp_path):
     names = AdminClient({"bootstrap.servers": kafka_bootstrap_server}).list_topics(timeout=10).topics
     assert any(name.endswith("-counts-changelog") for name in names), sorted(names)
     assert os.listdir(tmp_path / "data"), "RocksDB store wrote nothing"
+
+
+def test_a_topic_created_again_under_its_name_has_a_new_topic_id(kafka_bootstrap_server):
+    """The worker keeps the topic id of `interactions` with each user's last offset
+    (streams/scoring.py): that id must change when the topic is deleted and created again."""
+    from streams.topics import ensure_topics, topic_id
+
+    name = f"recreated-{uuid.uuid4().hex[:8]}"
+    ensure_topics(kafka_bootstrap_server, {name: 2})
+    first = topic_id(kafka_bootstrap_server, name)
+    assert first and first == topic_id(kafka_bootstrap_server, name)
+    admin = AdminClient({"bootstrap.servers": kafka_bootstrap_server})
+    admin.delete_topics([name])[name].result(30)
+    deadline = time.monotonic() + 60
+    while True:             # deletion completes asynchronously on the broker
+        try:
+            ensure_topics(kafka_bootstrap_server, {name: 2})
+            second = topic_id(kafka_bootstrap_server, name)
+            break
+        except Exception:   # noqa: BLE001 - still being deleted
+            assert time.monotonic() < deadline, "the topic was not created again"
+            time.sleep(0.5)
+    assert second != first

@@ -75,6 +75,37 @@ def test_a_replayed_event_is_not_applied_twice():
     assert {u: r.to_bytes() for u, r in updated.items()} == {}
 
 
+def test_offsets_of_a_topic_created_again_under_the_same_name_are_not_taken_as_replays():
+    """`interactions` deleted and created again: its offsets start over at 0, and a record's
+    last offset (from the old topic) must not make every new click look like a replay."""
+    model = small_model()
+    old_topic = Scorer(model, ITEM_IDS, "v1", offsets_of="topic-id-A")
+    events = make_events(n_users=2, per_user=3)
+    table, _ = run_in_batches(old_topic, events, 100)
+    records = {u: UserRecord.from_bytes(b) for u, b in table.items()}
+    assert {r.offsets_of for r in records.values()} == {"topic-id-A"}
+    assert {r.last_offset for r in records.values()} == {4, 5}
+    # The same clicks again in the old topic: replays, skipped.
+    _, _, stats = old_topic.process(events[:2], dict(records))
+    assert stats.duplicates == 2 and stats.applied == 0
+    # New clicks in the new topic, at offsets 0 and 1 (with new event ids): applied.
+    new_topic = Scorer(model, ITEM_IDS, "v1", offsets_of="topic-id-B")
+    fresh = [Event("u0", "item3", "new-0", 0, 0, 0), Event("u1", "item4", "new-1", 0, 0, 1)]
+    updated, recs, stats = new_topic.process(fresh, dict(records))
+    assert stats.applied == 2 and len(recs) == 2
+    assert {u: (r.offsets_of, r.last_offset) for u, r in updated.items()} == {
+        "u0": ("topic-id-B", 0), "u1": ("topic-id-B", 1)}
+    # ... and from then on, the new topic's replays are recognised again.
+    _, _, stats = new_topic.process(fresh, dict(updated))
+    assert stats.duplicates == 2
+    # A record written before topic ids were kept trusts its offsets, as before.
+    legacy = {u: UserRecord.from_bytes(b) for u, b in table.items()}
+    for record in legacy.values():
+        record.offsets_of = ""
+    _, _, stats = new_topic.process(events[:2], legacy)
+    assert stats.duplicates == 2
+
+
 def test_unknown_items_are_kept_counted_and_scored():
     model = small_model()
     scorer = Scorer(model, ITEM_IDS, "v1")

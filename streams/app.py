@@ -127,10 +127,10 @@ def hold_events_until_streams_resume(app) -> None:
 
 
 class ScorerWorker(faust.Worker):
-    """Faust's worker with a deadline on shutdown. A graceful stop can wait forever on a broker
-    that has gone away (flushing, committing); after `shutdown_timeout_s` the process exits
-    anyway. Nothing is lost by that: what was not committed is delivered again and the
-    records recognise what was applied (the crash tests show it)."""
+    """Faust's worker with a deadline on shutdown, after a signal or a crash. A stop can wait
+    forever on a broker that has gone away (flushing, committing); after `shutdown_timeout_s`
+    the process exits anyway. Nothing is lost by that: what was not committed is delivered
+    again and the records recognise what was applied (the crash tests show it)."""
 
     shutdown_timeout_s = 30.0
 
@@ -142,7 +142,17 @@ class ScorerWorker(faust.Worker):
         self._arm_deadline()
         super()._on_sigint()
 
+    def _crash(self, reason: BaseException) -> None:
+        # An agent's exception crashes every service (CrashingSupervisor, create_app); the stop
+        # that follows can wait as long as a graceful one. Same deadline.
+        self._arm_deadline()
+        super()._crash(reason)
+
     def _arm_deadline(self) -> None:
+        if getattr(self, "_deadline_armed", False):
+            return
+        self._deadline_armed = True
+
         def give_up():
             logging.getLogger(__name__).error(
                 "not stopped after %.0f s: exiting now", self.shutdown_timeout_s)

@@ -48,15 +48,16 @@ class ReplayBuffer:
             self._restore(json.loads(raw))
 
     # -- writing ----------------------------------------------------------------------------
-    def add(self, user: str, item: str, position: tuple[int, int] | None = None) -> bool:
-        """Append a click to the user's sequence. position = (partition, offset) of the click
-        in `interactions`: one at or before the user's last stored position was added already
-        (the trainer crashed after adding it, before committing its offset, and reads it
-        again), so it is skipped: False. The position is stored with the sequence, in one
-        write."""
+    def add(self, user: str, item: str, position: tuple | None = None) -> bool:
+        """Append a click to the user's sequence. position = (topic id, partition, offset) of
+        the click in `interactions`: one at or before the user's last stored offset in the
+        same topic and partition was added already (the trainer crashed after adding it,
+        before committing its offset, and reads it again), so it is skipped: False. (A topic
+        created again under its name has a new id: its offsets start over.) The position is
+        stored with the sequence, in one write."""
         sequence, last = self._stored(user)
-        if position is not None and last is not None and last[0] == position[0] \
-                and position[1] <= last[1]:
+        if position is not None and last is not None \
+                and list(position[:-1]) == last[:-1] and position[-1] <= last[-1]:
             return False
         sequence.append(item)
         self.db[b"u" + user.encode()] = json.dumps({

@@ -66,7 +66,7 @@ class OnlineTrainer:
         """Keep one click (None), or say why it is skipped: "vocabulary_full" for a new item
         once the vocabulary holds max_items (each item costs an embedding row in every version
         published after it), "duplicate" for a click at or before the user's last position
-        (partition, offset) in the buffer."""
+        (topic id, partition, offset) in the buffer."""
         if item not in self.index and len(self.item_ids) >= self.cfg.max_items:
             return "vocabulary_full"
         if not self.buffer.add(user, item, position):
@@ -167,7 +167,7 @@ def run_trainer(cfg: TrainerConfig, stop=None) -> None:
     from streams.model_store import ModelStore
     from streams.model_updates import (announce, ensure_model_updates_topic, newest_loadable,
                                        read_announcements)
-    from streams.topics import ensure_topics
+    from streams.topics import ensure_topics, topic_id
 
     logging.basicConfig(level=cfg.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -216,6 +216,7 @@ def run_trainer(cfg: TrainerConfig, stop=None) -> None:
                          # a round blocks polling; it must not cost the group membership
                          "max.poll.interval.ms": 600_000})
     consumer.subscribe([cfg.interactions_topic])
+    source = topic_id(cfg.broker, cfg.interactions_topic)    # new if the topic is made again
     last_commit, uncommitted = time.monotonic(), 0
     try:
         while stop is None or not stop.is_set():
@@ -229,7 +230,8 @@ def run_trainer(cfg: TrainerConfig, stop=None) -> None:
                     metrics.skipped.labels("refused").inc()   # the scorer dead-letters it
                     continue
                 skipped = trainer.add(event["user_id"], event["item_id"],
-                                      int(event["timestamp"]), (msg.partition(), msg.offset()))
+                                      int(event["timestamp"]),
+                                      (source, msg.partition(), msg.offset()))
                 if skipped:
                     metrics.skipped.labels(skipped).inc()
                 else:

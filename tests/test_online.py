@@ -48,18 +48,21 @@ def test_a_click_read_again_after_a_crash_is_not_added_twice(tmp_path):
     after a crash it reads the uncommitted ones again. The position stored with each user's
     sequence recognises them, across a restart too."""
     buffer = ReplayBuffer(tmp_path / "buf", BufferConfig(max_seq_len=10, holdout_events=1))
-    assert buffer.add("u1", "a", (0, 10)) and buffer.add("u1", "b", (0, 11))
-    assert buffer.add("u2", "x", (1, 3))
+    assert buffer.add("u1", "a", ("T", 0, 10)) and buffer.add("u1", "b", ("T", 0, 11))
+    assert buffer.add("u2", "x", ("T", 1, 3))
     buffer.db.close()                                       # killed: no flush, no commit
     reopened = ReplayBuffer(tmp_path / "buf", BufferConfig(max_seq_len=10, holdout_events=1))
-    assert not reopened.add("u1", "a", (0, 10))             # read again from offset 10
-    assert not reopened.add("u1", "b", (0, 11))
-    assert reopened.add("u1", "c", (0, 12)) and reopened.add("u2", "y", (1, 4))
+    assert not reopened.add("u1", "a", ("T", 0, 10))        # read again from offset 10
+    assert not reopened.add("u1", "b", ("T", 0, 11))
+    assert reopened.add("u1", "c", ("T", 0, 12)) and reopened.add("u2", "y", ("T", 1, 4))
     assert reopened.sequence("u1") == ["a", "b", "c"] and reopened.sequence("u2") == ["x", "y"]
     assert reopened.add("u1", "d")                          # no position: always added
+    # The topic deleted and created again (new id): its offsets start over, and count.
+    assert reopened.add("u1", "e", ("T2", 0, 0)) and not reopened.add("u1", "e", ("T2", 0, 0))
+    assert reopened.sequence("u1") == ["a", "b", "c", "d", "e"]
     # A buffer written before positions were kept stored the bare list; it still reads.
     reopened.db[b"u" + b"old"] = b'["p", "q"]'
-    assert reopened.sequence("old") == ["p", "q"] and reopened.add("old", "r", (2, 0))
+    assert reopened.sequence("old") == ["p", "q"] and reopened.add("old", "r", ("T", 2, 0))
     assert reopened.sequence("old") == ["p", "q", "r"]
 
 

@@ -146,18 +146,22 @@ def cmd_evaluate_stream(args) -> int:
 
 
 def cmd_produce(args) -> int:
-    """A file is checked whole before anything is sent, so a bad record sends nothing; clicks
-    from stdin are sent as they come, and a bad one stops there, saying how many went."""
+    """A regular file is checked whole before anything is sent, so a bad record sends nothing;
+    clicks from stdin or a pipe (which cannot be read twice) are sent as they come, and a bad
+    one stops there, saying how many went."""
+    import os
+
     from streams.clients import BadClick, check_clicks, produce_clicks, read_clicks
     from streams.config import StreamConfig
 
     cfg = typed_config.build(StreamConfig, args)
+    whole_file = args.source != "-" and os.path.isfile(args.source)
     try:
-        if args.source != "-":
+        if whole_file:
             check_clicks(args.source)
         count = produce_clicks(cfg.broker, cfg.interactions_topic, read_clicks(args.source))
     except BadClick as exc:
-        raise SystemExit(f"nothing sent: {exc}" if args.source != "-" else str(exc))
+        raise SystemExit(f"nothing sent: {exc}" if whole_file else str(exc))
     except OSError as exc:
         raise SystemExit(f"cannot read {args.source}: {exc}")
     print(f"produced {count} clicks to {cfg.interactions_topic}", file=sys.stderr)

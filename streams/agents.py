@@ -81,10 +81,13 @@ def parse_fault(text: str) -> tuple[str, int] | None:
 
 class ScoringAgent:
     def __init__(self, cfg, scorer, recommendations, dead_letters, table,
-                 recovery=None, metrics=None, highwater=None):
+                 recovery=None, metrics=None, highwater=None, on_failure=None):
         """metrics: streams.metrics.WorkerMetrics or None; highwater(tp) -> the partition's
-        end offset (for the lag gauge)."""
+        end offset (for the lag gauge); on_failure(exc): called once if finishing batches
+        fails (the worker crashes itself: create_app)."""
         self.cfg, self.scorer, self.table, self.recovery = cfg, scorer, table, recovery
+        self.on_failure = on_failure or (lambda exc: None)
+        self.failure: BaseException | None = None
         self.metrics, self.highwater = metrics, highwater
         self.started = False
         self.batches_started = 0
@@ -103,6 +106,9 @@ class ScoringAgent:
     async def run(self, stream) -> None:
         jobs: asyncio.Queue[Job] = asyncio.Queue(max(1, self.cfg.pipeline_depth))
         finisher = asyncio.ensure_future(self.finish_jobs(stream, jobs))
+        # A batch that fails (scoring, sending, writing) stops the worker now, not when the
+        # next batch comes: on a quiet stream that could be never.
+        finisher.add_done_callback(self._finisher_done)
         self.started = True
         try:
             async for batch in stream.take_events(self.cfg.batch_max,
@@ -117,6 +123,13 @@ class ScoringAgent:
                     finisher.result()                   # re-raises what stopped it
         finally:
             finisher.cancel()
+
+    def _finisher_done(self, finisher: asyncio.Future) -> None:
+        if finisher.cancelled() or finisher.exception() is None:
+            return
+        self.failure = finisher.exception()
+        log.error("finishing a batch failed: %r; the worker stops", self.failure)
+        self.on_failure(self.failure)
 
     async def start(self, batch) -> Job:
         if self.recovery is not None:
@@ -173,6 +186,7 @@ class ScoringAgent:
         if not events:
             return Scored({}, {}, [], BatchStats())
         if self.fault == (RAISE_IN_SCORING, number):
+            time.sleep(1.0)     # as if after scoring: the event loop has gone on meanwhile
             raise RuntimeError(f"injected fault: an exception in scoring batch {number}")
         updated, recs, stats = self.scorer.process(events,
                                                    self.unwritten.overlay(records, read_after))

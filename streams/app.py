@@ -7,6 +7,7 @@ their own data_dir: Kafka assigns them partitions, and each user's state follows
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import threading
@@ -89,7 +90,8 @@ def create_app(cfg: StreamConfig, scorer: Scorer, metrics: WorkerMetrics | None 
         dead_letters=raw_topic(app, cfg.dead_letter_topic, cfg.partitions),
         table=user_state_table(app, cfg.partitions, cfg.table_cache_mb, cfg.table_write_buffer_mb),
         recovery=app.tables.recovery, metrics=metrics,
-        highwater=lambda tp: app.consumer.highwater(tp))
+        highwater=lambda tp: app.consumer.highwater(tp),
+        on_failure=lambda exc: asyncio.ensure_future(app.crash(exc)))
 
     # An exception in the agent stops the worker (CrashingSupervisor). Faust's default would
     # restart the agent in this process, over the pipeline of the failed run: its batches'
@@ -169,7 +171,9 @@ def worker_health(agent, recovery, watcher=None) -> tuple[bool, dict]:
     still follows `model-updates`. A readiness signal: a long restore is not a dead worker."""
     ok = agent.started and recovery.completed.is_set()
     details = {"model_version": agent.scorer.version, **agent.counts}
-    if ok and getattr(recovery, "in_recovery", False):
+    if getattr(agent, "failure", None) is not None:      # the worker is stopping
+        ok, details["status"] = False, f"failed: {agent.failure!r}"
+    elif ok and getattr(recovery, "in_recovery", False):
         ok, details["status"] = False, "recovering"
     if watcher is not None:
         details["model_updates"] = ("following" if watcher.following else

@@ -49,9 +49,13 @@ def read_announcements(bootstrap: str, topic: str, timeout: float = 5.0) -> list
     out = []
     for value in values:
         try:
-            out.append(json.loads(value))
-        except (ValueError, TypeError):
-            log.error("model-updates record not JSON, ignored: %r", value[:200])
+            announcement = json.loads(value)
+        except (ValueError, TypeError):         # not JSON, or a tombstone (no value)
+            announcement = None
+        if isinstance(announcement, dict):
+            out.append(announcement)
+        else:
+            log.error("model-updates record not an announcement, ignored: %r", (value or b"")[:200])
     return out
 
 
@@ -138,7 +142,8 @@ class ModelWatcher(threading.Thread):
             if not isinstance(version, str):
                 raise TypeError("version is not a string")
         except (ValueError, TypeError, KeyError):
-            log.error("refused a model-updates record that is not an announcement: %r", value[:200])
+            log.error("refused a model-updates record that is not an announcement: %r",
+                      (value or b"")[:200])
             return
         if version == self.current:
             return

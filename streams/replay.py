@@ -84,10 +84,13 @@ def replay(source: str, cfg: ReplayConfig) -> int:
     ensure_topics(cfg.broker, {cfg.interactions_topic: cfg.partitions})
     producer = Producer({**client_config(cfg.broker), **PRODUCER_DEFAULTS})
     failures: list[str] = []
+    delivered = [0]                 # this run's messages the broker acknowledged
 
     def on_delivery(err, _msg):
         if err is not None:
             failures.append(str(err))
+        else:
+            delivered[0] += 1
 
     wall_start, log_start = time.monotonic(), events.timestamps[done] if done < len(events.rows) else 0
     bar = tqdm(total=len(events.rows), initial=done, unit="ev", disable=not cfg.progress,
@@ -123,10 +126,12 @@ def replay(source: str, cfg: ReplayConfig) -> int:
     except BaseException:
         # Interrupted (Ctrl-C, SIGTERM) between chunks: once what was produced is delivered,
         # record it, so that the next run does not send part of a chunk twice.
+        # Count acknowledgements, not produce calls: an interrupt can land between a
+        # produce() and the count that follows it.
         if not failures:
-            undelivered = producer.flush(30)        # delivery reports land in `failures`
+            undelivered = producer.flush(30)        # delivery reports come in here
             if not undelivered and not failures:
-                save_progress(done + sent)
+                save_progress(done + delivered[0])
         raise
     finally:
         bar.close()

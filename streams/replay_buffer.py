@@ -112,7 +112,7 @@ class ReplayBuffer:
         value = json.loads(raw)
         if isinstance(value, list):
             return value, None
-        return value["items"], value["position"]
+        return value["items"], value.get("position")
 
     def training_sequence(self, user: str) -> list[str]:
         """The user's sequence without its held-out suffix."""

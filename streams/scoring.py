@@ -16,7 +16,7 @@ import json
 import math
 import struct
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
@@ -57,9 +57,12 @@ class UserRecord:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> "UserRecord":
+        """Fields a later version added are dropped, missing ones take their defaults: a
+        record written by the previous or the next version reads."""
         (n,) = struct.unpack_from(">I", data)
         header = json.loads(data[4:4 + n])
-        return cls(state=bytes(data[4 + n:]), **header)
+        known = {f.name for f in fields(cls)} - {"state"}
+        return cls(state=bytes(data[4 + n:]), **{k: v for k, v in header.items() if k in known})
 
 
 @dataclass

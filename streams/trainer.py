@@ -67,7 +67,7 @@ class OnlineTrainer:
         once the vocabulary holds max_items (each item costs an embedding row in every version
         published after it), "duplicate" for a click at or before the user's last position
         (topic id, partition, offset) in the buffer."""
-        if item not in self.index and len(self.item_ids) >= self.cfg.max_items:
+        if item not in self.index and len(self.item_ids) - 1 >= self.cfg.max_items:   # - pad
             return "vocabulary_full"
         if not self.buffer.add(user, item, position):
             return "duplicate"

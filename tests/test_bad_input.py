@@ -163,3 +163,25 @@ def test_produce_sends_nothing_of_a_file_with_a_bad_record_and_says_so_for_stdin
     assert RecordingProducer.sent == [b"u1", b"u1", b"u1"]
     with pytest.raises(SystemExit, match="cannot read .*missing.jsonl"):
         cli.main(["produce", str(tmp_path / "missing.jsonl")])
+
+
+def test_produce_streams_a_pipe_instead_of_reading_it_twice(tmp_path, monkeypatch):
+    """A named pipe (or /dev/stdin, <(...)) can be read once: it is sent as it comes."""
+    import os
+    import threading
+
+    import cli
+    from streams import clients
+
+    monkeypatch.setattr(clients, "Producer", RecordingProducer)
+    RecordingProducer.sent = []
+    fifo = tmp_path / "clicks.jsonl"
+    os.mkfifo(fifo)
+
+    def write():
+        with open(fifo, "w") as pipe:
+            pipe.write(GOOD_LINE + "\n" + GOOD_LINE + "\n")
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    assert cli.main(["produce", str(fifo)]) == 0
+    assert RecordingProducer.sent == [b"u1", b"u1"]

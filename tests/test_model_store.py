@@ -69,7 +69,8 @@ def test_no_record_stops_the_watcher_each_bad_version_is_refused_and_good_ones_l
 
     watcher = ModelWatcher("127.0.0.1:1", "model-updates", store, on_model, current_version="v0",
                            on_refused=lambda version, reason: refused.append((version, reason)))
-    not_announcements = [b"\xff not json", b'"a string"', b"[1, 2]", b"{}", b'{"version": 5}']
+    not_announcements = [None, b"\xff not json", b'"a string"', b"[1, 2]", b"{}",
+                         b'{"version": 5}']                 # None: a tombstone
     for value in not_announcements:
         watcher.handle(value)                  # logged and ignored: not even a version to refuse
     for bad in ({"version": "v-path-not-text", "path": 5, "sha256": "ab"},
@@ -121,6 +122,10 @@ def test_worker_health_fails_while_recovering_and_once_the_watcher_stops(tmp_pat
     assert worker_health(agent, recovery) == (False, {"model_version": "v0", "applied": 3,
                                                       "status": "recovering"})
     recovery.in_recovery = False
+    agent.failure = RuntimeError("scoring failed")     # a batch failed: the worker is stopping
+    assert worker_health(agent, recovery) == (False, {
+        "model_version": "v0", "applied": 3, "status": "failed: RuntimeError('scoring failed')"})
+    agent.failure = None
 
     monkeypatch.setattr(model_updates, "_consumer", lambda bootstrap: FailingConsumer())
     watcher.start()
@@ -129,3 +134,20 @@ def test_worker_health_fails_while_recovering_and_once_the_watcher_stops(tmp_pat
     ok, details = worker_health(agent, recovery, watcher)
     assert not ok
     assert details["model_updates"] == "stopped: RuntimeError: broker gone"
+
+
+def test_start_up_reads_past_records_that_are_not_announcements(tmp_path, monkeypatch):
+    """A tombstone or a JSON value that is not an object, newer than the newest good version,
+    must not stop a worker or the trainer from starting on that version."""
+    from streams import model_updates
+    from streams.model_updates import newest_loadable, read_announcements
+
+    store = ModelStore(tmp_path / "models")
+    model = build_model("mlsa4rec-s", len(IDS), {"hidden": 16, "n_heads": 2, "n_interests": 4})
+    good = store.publish(model, IDS, {}, parent=None)
+    values = [json.dumps(good).encode(), None, b"[1, 2]", b'"x"', b"5", b"not json"]
+    monkeypatch.setattr(model_updates, "_consumer", lambda bootstrap: FailingConsumer())
+    monkeypatch.setattr(model_updates, "_read_to_end", lambda consumer, topic, timeout: values)
+    announcements = read_announcements("127.0.0.1:1", "model-updates")
+    assert announcements == [good]
+    assert newest_loadable(store, announcements)[1]["version"] == good["version"]

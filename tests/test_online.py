@@ -271,7 +271,7 @@ def holdout_of(trainer):
 
 
 def test_once_the_vocabulary_is_full_clicks_on_new_items_are_skipped(phase_a_model, tmp_path):
-    trainer = make_trainer(phase_a_model, tmp_path, [], max_items=len(ITEM_IDS) + 1)
+    trainer = make_trainer(phase_a_model, tmp_path, [], max_items=len(ITEM_IDS))   # + pad
     assert trainer.add("u1", ITEM_IDS[3]) is None
     assert trainer.add("u1", "new-1") is None             # takes the last place
     assert trainer.add("u1", "new-2") == "vocabulary_full"    # skipped, nothing kept

@@ -1,5 +1,8 @@
 """The scorer's batch cycle, without Kafka: what comes out equals the offline model."""
 
+import json
+import struct
+
 import pytest
 import torch
 
@@ -104,6 +107,21 @@ def test_offsets_of_a_topic_created_again_under_the_same_name_are_not_taken_as_r
         record.offsets_of = ""
     _, _, stats = new_topic.process(events[:2], legacy)
     assert stats.duplicates == 2
+
+
+def test_a_record_of_another_version_reads_whatever_fields_it_has():
+    record = UserRecord(model_version="v1", state=b"\x01\x02", last_offset=7,
+                        history=["a", "b"], offsets_of="T")
+    data = record.to_bytes()
+    (n,) = struct.unpack_from(">I", data)
+    header = json.loads(data[4:4 + n])
+    newer = {**header, "field_of_a_later_version": 1}           # written by a newer worker
+    older = {k: v for k, v in header.items() if k != "offsets_of"}  # by an older one
+    for variant in (newer, older):
+        head = json.dumps(variant).encode()
+        back = UserRecord.from_bytes(struct.pack(">I", len(head)) + head + b"\x01\x02")
+        assert (back.state, back.last_offset, back.history) == (b"\x01\x02", 7, ["a", "b"])
+    assert UserRecord.from_bytes(data) == record
 
 
 def test_unknown_items_are_kept_counted_and_scored():

@@ -266,27 +266,31 @@ def test_a_crash_at_any_step_of_the_batch_cycle_loses_nothing(
     every click gets recommendations equal to an uninterrupted run: duplicates only as the
     same recommendation for the same event. RAISE_IN_SCORING is a bug instead, an exception
     in the model thread: the worker must exit with an error too, not go on with the agent
-    restarted over a half-failed pipeline (Faust's default supervisor)."""
+    restarted over a half-failed pipeline (Faust's default supervisor), and at once, though
+    no batch comes after the failed one."""
     path, model = checkpoint
     name = uuid.uuid4().hex[:8]
     worker = Worker(kafka_bootstrap_server, path, tmp_path, name)
-    worker.env["MLSA4REC_FAULT"] = f"{point}:2"
+    # The exception comes with the only click sent before the check: no batch follows it.
+    fault_batch, before = (0, 1) if point == RAISE_IN_SCORING else (2, 30)
+    worker.env["MLSA4REC_FAULT"] = f"{point}:{fault_batch}"
     clicks = clicks_for(n_users=5, per_user=12, seed=3)
     worker.start()
     try:
         worker.wait_ready()             # a slow start would take the bursts in fewer batches
-        for start in range(0, 30, 5):               # small bursts: several batches
-            produce_clicks(kafka_bootstrap_server, f"interactions-{name}", clicks[start:start + 5])
+        for start in range(0, before, 5):           # small bursts: several batches
+            produce_clicks(kafka_bootstrap_server, f"interactions-{name}",
+                           clicks[start:min(start + 5, before)])
             time.sleep(0.3)
         code = worker.process.wait(60)
         if point == RAISE_IN_SCORING:
             assert code != 0, worker.log_tail()
-            assert "injected fault: an exception in scoring batch 2" in worker.log_tail()
+            assert "injected fault: an exception in scoring batch 0" in worker.log.read_text()
         else:
             assert code == 70, worker.log_tail()                    # the injected exit
         del worker.env["MLSA4REC_FAULT"]
         worker.start()
-        produce_clicks(kafka_bootstrap_server, f"interactions-{name}", clicks[30:])
+        produce_clicks(kafka_bootstrap_server, f"interactions-{name}", clicks[before:])
         got = collect(kafka_bootstrap_server, f"recommendations-{name}",
                       {c["event_id"] for c in clicks})
         assert_matches_offline(got, offline_expectation(model, clicks))

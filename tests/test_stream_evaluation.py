@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
+import time
 import uuid
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -109,7 +111,9 @@ def test_an_interrupted_replay_records_what_it_sent_and_the_next_run_sends_the_r
         if len(waits) == 3:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(streams.replay.time, "sleep", interrupted_sleep)
+    # replay's own clock only (topic creation polls time.sleep too)
+    monkeypatch.setattr(streams.replay, "time",
+                        SimpleNamespace(sleep=interrupted_sleep, monotonic=time.monotonic))
     with pytest.raises(KeyboardInterrupt):
         replay(str(log), cfg)
     first = json.loads((tmp_path / "progress.json").read_text())["delivered"]

@@ -43,6 +43,7 @@ class ReplayBuffer:
         self.holdout: deque[str] = deque()     # users of the last holdout_events events
         self.held_out = Counter()              # user -> its events in the holdout
         self.events_seen = 0
+        self.indexed: dict[str, int] = {}      # "topic id/partition" -> newest offset counted
         raw = self.db.get(_INDEX_KEY)
         if raw is not None:
             self._restore(json.loads(raw))
@@ -56,13 +57,26 @@ class ReplayBuffer:
         created again under its name has a new id: its offsets start over.) The position is
         stored with the sequence, in one write."""
         sequence, last = self._stored(user)
+        source = "/".join(map(str, position[:-1])) if position is not None else None
         if position is not None and last is not None \
                 and list(position[:-1]) == last[:-1] and position[-1] <= last[-1]:
+            # In the sequence already. If it came after the last flush, the restored sampling
+            # index has not counted it: count it now, so that the held-out slice stays the
+            # suffix of the sequences.
+            if position[-1] > self.indexed.get(source, -1):
+                self._count(user, source, position[-1])
             return False
         sequence.append(item)
         self.db[b"u" + user.encode()] = json.dumps({
             "items": sequence[-self.cfg.max_seq_len:],
             "position": list(position) if position is not None else last}).encode()
+        self._count(user, source, position[-1] if position is not None else None)
+        return True
+
+    def _count(self, user: str, source: str | None, offset: int | None) -> None:
+        """Add one event of this user to the sampling index."""
+        if source is not None:
+            self.indexed[source] = max(self.indexed.get(source, -1), offset)
         self.events_seen += 1
         self.recent.append(user)
         if len(self.reservoir) < self.cfg.reservoir_users:
@@ -78,13 +92,13 @@ class ReplayBuffer:
             self.held_out[oldest] -= 1
             if not self.held_out[oldest]:
                 del self.held_out[oldest]
-        return True
 
     def flush(self) -> None:
         """Save the sampling index next to the sequences."""
         self.db[_INDEX_KEY] = json.dumps({
             "recent": list(self.recent), "reservoir": self.reservoir,
-            "holdout": list(self.holdout), "events_seen": self.events_seen}).encode()
+            "holdout": list(self.holdout), "events_seen": self.events_seen,
+            "indexed": self.indexed}).encode()
         self.db.flush()
 
     def close(self) -> None:
@@ -98,6 +112,7 @@ class ReplayBuffer:
             self.holdout.append(user)
             self.held_out[user] += 1
         self.events_seen = index["events_seen"]
+        self.indexed = index.get("indexed", {})
 
     # -- reading ----------------------------------------------------------------------------
     def sequence(self, user: str) -> list[str]:

@@ -66,6 +66,28 @@ def test_a_click_read_again_after_a_crash_is_not_added_twice(tmp_path):
     assert reopened.sequence("old") == ["p", "q", "r"]
 
 
+def test_clicks_read_again_after_a_crash_are_counted_once_in_the_sampling_index(tmp_path):
+    """The sampling index is saved at flushes, the sequences at every click. A click between
+    the last flush and a crash is in its user's sequence, not in the restored index: read
+    again, it goes into the index (not the sequence), so the held-out slice is again the
+    newest clicks."""
+    cfg = BufferConfig(max_seq_len=10, holdout_events=2)
+    buffer = ReplayBuffer(tmp_path / "buf", cfg)
+    for offset, item in enumerate("abc"):
+        buffer.add("u1", item, ("T", 0, offset))
+    buffer.flush()                                  # held out: u1's b and c
+    buffer.add("u2", "x", ("T", 0, 3))
+    buffer.db.close()                               # killed after x: no flush, no commit
+    reopened = ReplayBuffer(tmp_path / "buf", cfg)
+    # The restored index still holds out u1's b and c, and x counts as training data.
+    assert reopened.training_sequence("u1") == ["a"] and reopened.training_sequence("u2") == ["x"]
+    assert not reopened.add("u2", "x", ("T", 0, 3))             # read again: not added twice
+    assert reopened.sequence("u2") == ["x"] and reopened.events_seen == 4
+    # ... but counted: the newest two clicks (c, x) are the held-out slice again.
+    assert reopened.training_sequence("u1") == ["a", "b"] and reopened.training_sequence("u2") == []
+    assert not reopened.add("u2", "x", ("T", 0, 3)) and reopened.events_seen == 4   # only once
+
+
 # -- vocabulary growth -------------------------------------------------------------------------
 def test_growing_the_vocabulary_keeps_every_known_score(tmp_path):
     torch.manual_seed(0)

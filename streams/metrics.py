@@ -74,8 +74,9 @@ class TrainerMetrics:
         self.registry = r = CollectorRegistry()
         self.events = Counter("mlsa4rec_trainer_events", "Clicks added to the replay buffer",
                               registry=r)
-        self.skipped = Counter("mlsa4rec_trainer_skipped", "Clicks the trainer did not keep: refused "
-                               "(the scorer dead-letters them), vocabulary_full or duplicate",
+        self.skipped = Counter("mlsa4rec_trainer_skipped",
+                               "Clicks the trainer did not keep: refused (the scorer "
+                               "dead-letters them), vocabulary_full or duplicate",
                                ["reason"], registry=r)
         self.rounds = Counter("mlsa4rec_trainer_rounds", "Fine-tuning rounds, by outcome",
                               ["outcome"], registry=r)

@@ -104,7 +104,8 @@ def replay(source: str, cfg: ReplayConfig) -> int:
     try:
         for index in range(done, len(events.rows)):
             if cfg.speed:
-                wait = (events.timestamps[index] - log_start) / cfg.speed - (time.monotonic() - wall_start)
+                wait = ((events.timestamps[index] - log_start) / cfg.speed
+                        - (time.monotonic() - wall_start))
                 if wait > 0:
                     time.sleep(wait)
             user = str(events.users[index])

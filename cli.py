@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -149,8 +150,6 @@ def cmd_produce(args) -> int:
     """A regular file is checked whole before anything is sent, so a bad record sends nothing;
     clicks from stdin or a pipe (which cannot be read twice) are sent as they come, and a bad
     one stops there, saying how many went."""
-    import os
-
     from streams.clients import BadClick, check_clicks, produce_clicks, read_clicks
     from streams.config import StreamConfig
 

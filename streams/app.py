@@ -171,9 +171,9 @@ def worker_health(agent, recovery, watcher=None) -> tuple[bool, dict]:
     still follows `model-updates`. A readiness signal: a long restore is not a dead worker."""
     ok = agent.started and recovery.completed.is_set()
     details = {"model_version": agent.scorer.version, **agent.counts}
-    if getattr(agent, "failure", None) is not None:      # the worker is stopping
+    if agent.failure is not None:                        # the worker is stopping
         ok, details["status"] = False, f"failed: {agent.failure!r}"
-    elif ok and getattr(recovery, "in_recovery", False):
+    elif ok and recovery.in_recovery:
         ok, details["status"] = False, "recovering"
     if watcher is not None:
         details["model_updates"] = ("following" if watcher.following else

@@ -112,8 +112,8 @@ def test_worker_health_fails_while_recovering_and_once_the_watcher_stops(tmp_pat
     from streams.app import worker_health
 
     agent = SimpleNamespace(started=True, scorer=SimpleNamespace(version="v0"),
-                            counts={"applied": 3})
-    recovery = SimpleNamespace(completed=threading.Event())
+                            counts={"applied": 3}, failure=None)
+    recovery = SimpleNamespace(completed=threading.Event(), in_recovery=False)
     recovery.completed.set()
     watcher = ModelWatcher("127.0.0.1:1", "model-updates", ModelStore(tmp_path / "models"),
                            on_model=None, current_version="v0")

@@ -104,23 +104,23 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_worker(args) -> int:
-    from streams.app import run_worker
-    from streams.config import StreamConfig
+    from streams.worker.app import run_worker
+    from streams.shared.config import StreamConfig
 
     run_worker(typed_config.build(StreamConfig, args))
     return 0
 
 
 def cmd_trainer(args) -> int:
-    from streams.config import TrainerConfig
-    from streams.trainer import run_trainer
+    from streams.shared.config import TrainerConfig
+    from streams.trainer.trainer import run_trainer
 
     run_trainer(typed_config.build(TrainerConfig, args))
     return 0
 
 
 def cmd_replay(args) -> int:
-    from streams.replay import ReplayConfig, replay
+    from streams.replay.log_replay import ReplayConfig, replay
 
     cfg = typed_config.build(ReplayConfig, args)
     # SIGTERM as an exception, so the replay records what it delivered before it exits
@@ -131,9 +131,9 @@ def cmd_replay(args) -> int:
 
 
 def cmd_evaluate_stream(args) -> int:
-    from streams.config import StreamConfig
-    from streams.evaluation import run_evaluate_stream
-    from streams.report import write_report
+    from streams.shared.config import StreamConfig
+    from streams.replay.evaluation import run_evaluate_stream
+    from streams.replay.report import write_report
 
     cfg = typed_config.build(StreamConfig, args)
     result = run_evaluate_stream(cfg.broker, cfg.interactions_topic, cfg.recommendations_topic,
@@ -150,8 +150,8 @@ def cmd_produce(args) -> int:
     """A regular file is checked whole before anything is sent, so a bad record sends nothing;
     clicks from stdin or a pipe (which cannot be read twice) are sent as they come, and a bad
     one stops there, saying how many went."""
-    from streams.clients import BadClick, check_clicks, produce_clicks, read_clicks
-    from streams.config import StreamConfig
+    from streams.shared.clients import BadClick, check_clicks, produce_clicks, read_clicks
+    from streams.shared.config import StreamConfig
 
     cfg = typed_config.build(StreamConfig, args)
     whole_file = args.source != "-" and os.path.isfile(args.source)
@@ -168,8 +168,8 @@ def cmd_produce(args) -> int:
 
 
 def cmd_tail(args) -> int:
-    from streams.clients import tail_recommendations
-    from streams.config import StreamConfig
+    from streams.shared.clients import tail_recommendations
+    from streams.shared.config import StreamConfig
 
     cfg = typed_config.build(StreamConfig, args)
     for rec in tail_recommendations(cfg.broker, cfg.recommendations_topic, args.from_beginning,
@@ -202,15 +202,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="drop the items each user already saw from the ranking (the "
                              "stream's --exclude-seen; RecBole's protocol keeps them)")
     p_eval.set_defaults(func=cmd_evaluate)
-    from streams.config import StreamConfig
+    from streams.shared.config import StreamConfig
     p_worker = sub.add_parser("worker", help="run a scorer worker (Faust)")
     typed_config.add_arguments(p_worker, StreamConfig)
     p_worker.set_defaults(func=cmd_worker)
-    from streams.config import TrainerConfig
+    from streams.shared.config import TrainerConfig
     p_trainer = sub.add_parser("trainer", help="fine-tune online from the stream, publish versions")
     typed_config.add_arguments(p_trainer, TrainerConfig)
     p_trainer.set_defaults(func=cmd_trainer)
-    from streams.replay import ReplayConfig
+    from streams.replay.log_replay import ReplayConfig
     p_replay = sub.add_parser("replay", help="replay a historical log into interactions")
     p_replay.add_argument("source", help="ml-1m, ml-100k, or a .csv / .parquet log")
     typed_config.add_arguments(p_replay, ReplayConfig)

@@ -36,10 +36,10 @@ from model.checkpoint import save_checkpoint  # noqa: E402
 from model.models import build_model  # noqa: E402
 from confluent_kafka import Producer  # noqa: E402
 from schemas.codec import encode_interaction  # noqa: E402
-from streams.clients import PRODUCER_DEFAULTS, produce_clicks  # noqa: E402
-from streams.model_store import ModelStore  # noqa: E402
-from streams.model_updates import announce, ensure_model_updates_topic, read_announcements  # noqa: E402
-from streams.topics import ensure_topics  # noqa: E402
+from streams.shared.clients import PRODUCER_DEFAULTS, produce_clicks  # noqa: E402
+from streams.shared.model_store import ModelStore  # noqa: E402
+from streams.shared.model_updates import announce, ensure_model_updates_topic, read_announcements  # noqa: E402
+from streams.shared.topics import ensure_topics  # noqa: E402
 from tests.kafka_broker import kafka_bootstrap  # noqa: E402
 
 N_ITEMS, N_USERS, PARTITIONS = 1350, 943, 4

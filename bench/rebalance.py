@@ -40,8 +40,8 @@ from model.models import build_model  # noqa: E402
 from confluent_kafka import Consumer  # noqa: E402
 from schemas.codec import decode_recommendation  # noqa: E402
 from stream_throughput import N_ITEMS, changelog_bytes, drain, produce  # noqa: E402
-from streams.local_broker import free_ports  # noqa: E402
-from streams.topics import ensure_topics  # noqa: E402
+from streams.shared.local_broker import free_ports  # noqa: E402
+from streams.shared.topics import ensure_topics  # noqa: E402
 from tests.kafka_broker import kafka_bootstrap  # noqa: E402
 
 PARTITIONS = 4

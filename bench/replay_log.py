@@ -25,11 +25,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from streams.evaluation import run_evaluate_stream  # noqa: E402
-from streams.local_broker import local_kafka  # noqa: E402
-from streams.replay import ReplayConfig, log_events, replay  # noqa: E402
-from streams.report import write_report  # noqa: E402
-from streams.topics import ensure_topics  # noqa: E402
+from streams.replay.evaluation import run_evaluate_stream  # noqa: E402
+from streams.shared.local_broker import local_kafka  # noqa: E402
+from streams.replay.log_replay import ReplayConfig, log_events, replay  # noqa: E402
+from streams.replay.report import write_report  # noqa: E402
+from streams.shared.topics import ensure_topics  # noqa: E402
 
 
 def offline_test_metrics(checkpoint: str, dataset: str) -> dict:

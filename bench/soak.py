@@ -30,9 +30,9 @@ sys.path.insert(0, str(REPO))
 from model.checkpoint import save_checkpoint  # noqa: E402
 from model.models import build_model  # noqa: E402
 from schemas.codec import encode_interaction  # noqa: E402
-from streams.clients import PRODUCER_DEFAULTS  # noqa: E402
-from streams.local_broker import free_ports, local_kafka  # noqa: E402
-from streams.topics import ensure_topics  # noqa: E402
+from streams.shared.clients import PRODUCER_DEFAULTS  # noqa: E402
+from streams.shared.local_broker import free_ports, local_kafka  # noqa: E402
+from streams.shared.topics import ensure_topics  # noqa: E402
 
 N_ITEMS = 3417
 

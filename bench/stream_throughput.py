@@ -34,8 +34,8 @@ sys.path.insert(0, str(REPO))
 from model.checkpoint import save_checkpoint  # noqa: E402
 from model.models import build_model  # noqa: E402
 from schemas.codec import decode_interaction, decode_recommendation, encode_interaction, encode_recommendation  # noqa: E402
-from streams.clients import PRODUCER_DEFAULTS  # noqa: E402
-from streams.topics import ensure_topics  # noqa: E402
+from streams.shared.clients import PRODUCER_DEFAULTS  # noqa: E402
+from streams.shared.topics import ensure_topics  # noqa: E402
 from tests.kafka_broker import kafka_bootstrap  # noqa: E402
 
 N_ITEMS, N_USERS, PARTITIONS = 3417, 6040, 4

@@ -1,6 +1,6 @@
 """Fine-tuning a trained model on fresh sequences, and judging it on held-out next items.
 
-The online trainer (streams/trainer.py) calls these with sequences drawn from its replay
+The online trainer (streams/trainer/trainer.py) calls these with sequences drawn from its replay
 buffer: the loss is the offline one (model.loss over all items), with a small learning rate
 and a bounded number of steps per round.
 """

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from streams.local_broker import REPO
+from streams.shared.local_broker import REPO
 
 
 @dataclass
@@ -61,11 +61,11 @@ def run_demo(cfg: DemoConfig) -> dict:
     import torch
 
     from model.training import TrainConfig, train_to_checkpoint
-    from streams.evaluation import run_evaluate_stream
-    from streams.local_broker import local_kafka
-    from streams.replay import ReplayConfig, log_events, replay
-    from streams.report import write_report
-    from streams.topics import ensure_topics
+    from streams.replay.evaluation import run_evaluate_stream
+    from streams.shared.local_broker import local_kafka
+    from streams.replay.log_replay import ReplayConfig, log_events, replay
+    from streams.replay.report import write_report
+    from streams.shared.topics import ensure_topics
 
     torch.set_num_threads(max(1, cfg.threads))
     out = Path(cfg.out)

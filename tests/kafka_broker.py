@@ -17,7 +17,7 @@ from typing import Iterator, Mapping
 
 import pytest
 
-from streams.local_broker import KAFKA_VERSION, free_ports, local_kafka
+from streams.shared.local_broker import KAFKA_VERSION, free_ports, local_kafka
 
 
 def docker_available(timeout: float = 5.0) -> bool:
@@ -86,6 +86,6 @@ def kafka_bootstrap_server() -> Iterator[str]:
 
 def create_topics(bootstrap: str, topics: Mapping[str, int], timeout: float = 30.0) -> None:
     """Create topics {name: partitions}, as the worker does; an existing one must match."""
-    from streams.topics import ensure_topics
+    from streams.shared.topics import ensure_topics
 
     ensure_topics(bootstrap, dict(topics), timeout=timeout)

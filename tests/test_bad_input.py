@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from schemas.codec import DecodeError, encode_interaction
-from streams.agents import to_event
-from streams.clicks import MAX_ID_BYTES
-from streams.scoring import Event, Scorer, UserRecord
+from streams.worker.agents import to_event
+from streams.shared.clicks import MAX_ID_BYTES
+from streams.worker.scoring import Event, Scorer, UserRecord
 from tests.test_scoring import ITEM_IDS, small_model
 
 CLICK = {"event_id": "e1", "user_id": "u1", "item_id": "item3", "event_type": "CLICK",
@@ -102,7 +102,7 @@ GOOD_LINE = '{"user_id": "u1", "item_id": "i1", "timestamp": 1700000000000}'
     ('{"user_id": "u1", "item_id": "i1", "properties": {"n": 1}}', "properties"),
 ])
 def test_each_bad_click_record_is_named_with_its_file_and_record(tmp_path, bad_line, reason):
-    from streams.clients import BadClick, read_clicks
+    from streams.shared.clients import BadClick, read_clicks
 
     path = tmp_path / "clicks.jsonl"
     path.write_text("\n".join([GOOD_LINE, "", GOOD_LINE, bad_line, GOOD_LINE]) + "\n")
@@ -113,7 +113,7 @@ def test_each_bad_click_record_is_named_with_its_file_and_record(tmp_path, bad_l
 
 
 def test_a_bad_csv_row_is_named_too(tmp_path):
-    from streams.clients import BadClick, check_clicks
+    from streams.shared.clients import BadClick, check_clicks
 
     path = tmp_path / "clicks.csv"
     path.write_text("user_id,item_id,timestamp\nu1,i1,1700000000000\nu2,,1700000000001\n")

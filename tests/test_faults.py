@@ -8,12 +8,12 @@ import threading
 import time
 import uuid
 
-from streams.clients import produce_clicks
-from streams.config import TrainerConfig
-from streams.local_broker import BROKER_SH, free_ports
-from streams.model_updates import read_announcements
-from streams.topics import ensure_topics
-from streams.trainer import run_trainer
+from streams.shared.clients import produce_clicks
+from streams.shared.config import TrainerConfig
+from streams.shared.local_broker import BROKER_SH, free_ports
+from streams.shared.model_updates import read_announcements
+from streams.shared.topics import ensure_topics
+from streams.trainer.trainer import run_trainer
 from tests.test_stream_e2e import (Worker, assert_matches_offline, checkpoint,  # noqa: F401
                                    clicks_for, collect, offline_expectation)
 
@@ -80,8 +80,8 @@ def test_a_trainer_killed_mid_round_announces_nothing_half_written(checkpoint, t
     import signal
     import sys
 
-    from streams.local_broker import REPO
-    from streams.model_store import ModelStore
+    from streams.shared.local_broker import REPO
+    from streams.shared.model_store import ModelStore
 
     path, _ = checkpoint
     broker = RestartableBroker(tmp_path / "kafka")

@@ -198,8 +198,8 @@ def test_faust_table_smoke(kafka_bootstrap_server, tmp_path):
 
 def test_a_topic_created_again_under_its_name_has_a_new_topic_id(kafka_bootstrap_server):
     """The worker keeps the topic id of `interactions` with each user's last offset
-    (streams/scoring.py): that id must change when the topic is deleted and created again."""
-    from streams.topics import ensure_topics, topic_id
+    (streams/worker/scoring.py): that id must change when the topic is deleted and created again."""
+    from streams.shared.topics import ensure_topics, topic_id
 
     name = f"recreated-{uuid.uuid4().hex[:8]}"
     ensure_topics(kafka_bootstrap_server, {name: 2})

@@ -6,7 +6,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from streams.metrics import MetricsServer, TrainerMetrics, WorkerMetrics
+from streams.shared.metrics import MetricsServer, TrainerMetrics, WorkerMetrics
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,7 +63,7 @@ def test_every_dashboard_query_uses_exported_metrics():
 
 
 def test_kafka_security_settings_reach_every_client_kind():
-    from streams.kafka_config import client_config, faust_credentials
+    from streams.shared.kafka_config import client_config, faust_credentials
 
     env = {"MLSA4REC_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
            "MLSA4REC_KAFKA_SASL_MECHANISM": "SCRAM-SHA-512",

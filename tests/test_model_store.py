@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from model.models import build_model
-from streams.model_store import ModelStore
-from streams.model_updates import ModelWatcher
+from streams.shared.model_store import ModelStore
+from streams.shared.model_updates import ModelWatcher
 
 IDS = ["[PAD]"] + [f"i{n}" for n in range(1, 20)]
 
@@ -109,7 +109,7 @@ def test_worker_health_fails_while_recovering_and_once_the_watcher_stops(tmp_pat
     from types import SimpleNamespace
 
     from streams import model_updates
-    from streams.app import worker_health
+    from streams.worker.app import worker_health
 
     agent = SimpleNamespace(started=True, scorer=SimpleNamespace(version="v0"),
                             counts={"applied": 3}, failure=None)
@@ -140,7 +140,7 @@ def test_start_up_reads_past_records_that_are_not_announcements(tmp_path, monkey
     """A tombstone or a JSON value that is not an object, newer than the newest good version,
     must not stop a worker or the trainer from starting on that version."""
     from streams import model_updates
-    from streams.model_updates import newest_loadable, read_announcements
+    from streams.shared.model_updates import newest_loadable, read_announcements
 
     store = ModelStore(tmp_path / "models")
     model = build_model("mlsa4rec-s", len(IDS), {"hidden": 16, "n_heads": 2, "n_interests": 4})

@@ -10,10 +10,10 @@ import uuid
 
 import pytest
 
-from streams.clients import produce_clicks
-from streams.config import TrainerConfig
-from streams.model_updates import announce, ensure_model_updates_topic, read_announcements
-from streams.trainer import run_trainer
+from streams.shared.clients import produce_clicks
+from streams.shared.config import TrainerConfig
+from streams.shared.model_updates import announce, ensure_model_updates_topic, read_announcements
+from streams.trainer.trainer import run_trainer
 from tests.test_stream_e2e import Worker, checkpoint, clicks_for, collect  # noqa: F401 (fixture)
 
 
@@ -112,9 +112,9 @@ def test_a_worker_starts_on_the_newest_announced_version_that_loads(
     """A restarted worker serves the fleet's version from its first batch, not --checkpoint
     until its watcher catches up (which also rebuilt every state twice)."""
     from model.checkpoint import load_checkpoint
-    from streams.app import starting_model
-    from streams.config import StreamConfig
-    from streams.model_store import ModelStore
+    from streams.worker.app import starting_model
+    from streams.shared.config import StreamConfig
+    from streams.shared.model_store import ModelStore
 
     path, _ = checkpoint
     name = uuid.uuid4().hex[:8]

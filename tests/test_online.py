@@ -11,10 +11,10 @@ from model.checkpoint import load_checkpoint, save_checkpoint
 from model.finetune import FineTuneConfig, fine_tune, next_item_metrics
 from model.models import build_model
 from model.vocab import grow_item_embedding
-from streams.config import TrainerConfig
-from streams.replay_buffer import BufferConfig, ReplayBuffer
-from streams.scoring import Event, Scorer
-from streams.trainer import OnlineTrainer
+from streams.shared.config import TrainerConfig
+from streams.trainer.replay_buffer import BufferConfig, ReplayBuffer
+from streams.worker.scoring import Event, Scorer
+from streams.trainer.trainer import OnlineTrainer
 
 N_ITEMS = 61                                   # pad + items 1..60
 ITEM_IDS = ["[PAD]"] + [f"i{n}" for n in range(1, N_ITEMS)]
@@ -269,7 +269,7 @@ def test_small_losses_do_not_add_up_over_rounds(phase_a_model, tmp_path, monkeyp
             for p in candidate.parameters():
                 p.add_(0.3 * p.std() * torch.randn(p.shape, generator=g))
         return 1.0
-    monkeypatch.setattr("streams.trainer.fine_tune", add_noise)
+    monkeypatch.setattr("streams.trainer.trainer.fine_tune", add_noise)
     published = []
     trainer = make_trainer(phase_a_model, tmp_path, published, margin=0.1)
     for user, item in interleave(chain_sequences(1, 40, 20, seed=5)):

@@ -1,12 +1,12 @@
 """Overlapped batches: batches scored from table reads that earlier batches' writes may not
-show yet (streams/pipeline.py), in the orders the agent can produce."""
+show yet (streams/worker/pipeline.py), in the orders the agent can produce."""
 
 import pytest
 
-from streams.agents import ScoringAgent
-from streams.config import StreamConfig
-from streams.pipeline import UnwrittenRecords
-from streams.scoring import Scorer, UserRecord
+from streams.worker.agents import ScoringAgent
+from streams.shared.config import StreamConfig
+from streams.worker.pipeline import UnwrittenRecords
+from streams.worker.scoring import Scorer, UserRecord
 from tests.test_scoring import ITEM_IDS, make_events, run_in_batches, small_model
 
 

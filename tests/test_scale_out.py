@@ -13,7 +13,7 @@ import json
 import time
 import uuid
 
-from streams.clients import produce_clicks
+from streams.shared.clients import produce_clicks
 from tests.test_stream_e2e import (Worker, assert_matches_offline, checkpoint,  # noqa: F401
                                    clicks_for, collect, http_get, metric, offline_expectation)
 

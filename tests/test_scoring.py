@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from model.models import build_model
-from streams.scoring import Event, Scorer, UserRecord
+from streams.worker.scoring import Event, Scorer, UserRecord
 
 N_ITEMS = 40
 ITEM_IDS = ["[PAD]"] + [f"item{i}" for i in range(1, N_ITEMS)]

@@ -25,11 +25,11 @@ from confluent_kafka import Consumer, Producer
 from model.checkpoint import save_checkpoint
 from model.models import build_model
 from schemas.codec import encode_interaction
-from streams.agents import FAULT_POINTS, RAISE_IN_SCORING
-from streams.app import hold_events_until_streams_resume
-from streams.clients import PRODUCER_DEFAULTS, produce_clicks, tail_recommendations
-from streams.local_broker import free_ports
-from streams.topics import ensure_topics
+from streams.worker.agents import FAULT_POINTS, RAISE_IN_SCORING
+from streams.worker.app import hold_events_until_streams_resume
+from streams.shared.clients import PRODUCER_DEFAULTS, produce_clicks, tail_recommendations
+from streams.shared.local_broker import free_ports
+from streams.shared.topics import ensure_topics
 
 REPO = Path(__file__).resolve().parents[1]
 N_ITEMS = 30
@@ -218,7 +218,7 @@ def read_all(bootstrap, topic, count, timeout=60.0):
 
 def test_events_fetched_at_the_end_of_a_recovery_wait_for_the_queues_to_be_emptied():
     """The end of a recovery empties the stream queues when it resumes flow control; with the
-    workaround (streams/app.py), flow control is suspended from `on_rebalance_complete` until
+    workaround (streams/worker/app.py), flow control is suspended from `on_rebalance_complete` until
     then, so an event fetched meanwhile waits instead of being emptied away. The e2e test
     below lost such events in about half its runs without it."""
     app = faust.App(f"hold-{uuid.uuid4().hex[:8]}", broker="kafka://127.0.0.1:1")

@@ -18,9 +18,9 @@ import pytest
 from confluent_kafka import Consumer, TopicPartition
 
 from model.prequential import metrics_at, next_item_ranks
-from streams.evaluation import StreamEvaluator, run_evaluate_stream
-from streams.replay import ReplayConfig, log_events, replay
-from streams.report import write_report
+from streams.replay.evaluation import StreamEvaluator, run_evaluate_stream
+from streams.replay.log_replay import ReplayConfig, log_events, replay
+from streams.replay.report import write_report
 from tests.test_stream_e2e import ITEM_IDS, N_ITEMS, Worker, checkpoint  # noqa: F401 (fixture)
 
 
@@ -97,7 +97,7 @@ def test_an_interrupted_replay_records_what_it_sent_and_the_next_run_sends_the_r
         kafka_bootstrap_server, tmp_path, monkeypatch):
     """Ctrl-C in the middle of a chunk (here while a time-scaled replay waits): what was sent
     is delivered and recorded, so the next run sends each event exactly once in all."""
-    import streams.replay
+    import streams.replay.log_replay
 
     log = write_log(tmp_path / "log.csv")
     n_events = len(log_events(str(log)).rows)
@@ -112,7 +112,7 @@ def test_an_interrupted_replay_records_what_it_sent_and_the_next_run_sends_the_r
             raise KeyboardInterrupt
 
     # replay's own clock only (topic creation polls time.sleep too)
-    monkeypatch.setattr(streams.replay, "time",
+    monkeypatch.setattr(streams.replay.log_replay, "time",
                         SimpleNamespace(sleep=interrupted_sleep, monotonic=time.monotonic))
     with pytest.raises(KeyboardInterrupt):
         replay(str(log), cfg)

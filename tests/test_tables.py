@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import faust
 
-from streams.tables import ChangelogBackedStore, user_state_table
+from streams.worker.tables import ChangelogBackedStore, user_state_table
 
 
 def test_state_writes_skip_the_write_ahead_log_and_a_clean_close_keeps_them(tmp_path):

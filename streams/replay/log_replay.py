@@ -67,9 +67,9 @@ def replay(source: str, cfg: ReplayConfig) -> int:
     from confluent_kafka import Producer
 
     from schemas.codec import encode_interaction
-    from streams.clients import PRODUCER_DEFAULTS
-    from streams.kafka_config import client_config
-    from streams.topics import ensure_topics
+    from streams.shared.clients import PRODUCER_DEFAULTS
+    from streams.shared.kafka_config import client_config
+    from streams.shared.topics import ensure_topics
 
     events = log_events(source, cfg.k_core, cfg.start)
     progress_path = Path(cfg.progress_file or

@@ -4,9 +4,9 @@ Two stages, so that the model and the event loop work at the same time:
   start (event loop)   decode (an event that does not decode goes to the dead-letter topic,
                        reason in a header), read the users' records from the state table, and
                        hand the batch to the model thread;
-  model thread         swap in a new model version if one is ready (streams/model_updates.py),
+  model thread         swap in a new model version if one is ready (streams/shared/model_updates.py),
                        lay the records of earlier batches that its table reads may not show
-                       over the table's (streams/pipeline.py), score, serialise records and
+                       over the table's (streams/worker/pipeline.py), score, serialise records and
                        recommendations;
   finish (event loop)  send the recommendations and wait for the broker's acks, only then
                        write the records to the table, then ack the batch's events.
@@ -30,10 +30,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from schemas.codec import DecodeError, encode_recommendation
-from streams.clicks import checked_click
-from streams.pipeline import UnwrittenRecords
-from streams.scoring import BatchStats, Event, UserRecord
-from streams.tables import as_current
+from streams.shared.clicks import checked_click
+from streams.worker.pipeline import UnwrittenRecords
+from streams.worker.scoring import BatchStats, Event, UserRecord
+from streams.worker.tables import as_current
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def parse_fault(text: str) -> tuple[str, int] | None:
 class ScoringAgent:
     def __init__(self, cfg, scorer, recommendations, dead_letters, table,
                  recovery=None, metrics=None, highwater=None, on_failure=None):
-        """metrics: streams.metrics.WorkerMetrics or None; highwater(tp) -> the partition's
+        """metrics: streams.shared.metrics.WorkerMetrics or None; highwater(tp) -> the partition's
         end offset (for the lag gauge); on_failure(exc): called once if finishing batches
         fails (the worker crashes itself: create_app)."""
         self.cfg, self.scorer, self.table, self.recovery = cfg, scorer, table, recovery

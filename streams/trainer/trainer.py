@@ -27,8 +27,8 @@ import torch
 
 from model.finetune import FineTuneConfig, fine_tune, next_item_metrics
 from model.vocab import grow_item_embedding
-from streams.config import TrainerConfig
-from streams.replay_buffer import BufferConfig, ReplayBuffer
+from streams.shared.config import TrainerConfig
+from streams.trainer.replay_buffer import BufferConfig, ReplayBuffer
 
 log = logging.getLogger(__name__)
 
@@ -161,13 +161,13 @@ def run_trainer(cfg: TrainerConfig, stop=None) -> None:
     from model.checkpoint import load_checkpoint
     from model.training import pick_device
     from schemas.codec import DecodeError
-    from streams.clicks import checked_click
-    from streams.kafka_config import client_config
-    from streams.metrics import MetricsServer, TrainerMetrics
-    from streams.model_store import ModelStore
-    from streams.model_updates import (announce, ensure_model_updates_topic, newest_loadable,
+    from streams.shared.clicks import checked_click
+    from streams.shared.kafka_config import client_config
+    from streams.shared.metrics import MetricsServer, TrainerMetrics
+    from streams.shared.model_store import ModelStore
+    from streams.shared.model_updates import (announce, ensure_model_updates_topic, newest_loadable,
                                        read_announcements)
-    from streams.topics import ensure_topics, topic_id
+    from streams.shared.topics import ensure_topics, topic_id
 
     logging.basicConfig(level=cfg.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")

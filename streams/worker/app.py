@@ -18,16 +18,16 @@ import torch
 
 from model.checkpoint import load_checkpoint
 from model.training import pick_device
-from streams.agents import ScoringAgent
-from streams.config import StreamConfig
-from streams.kafka_config import faust_credentials
-from streams.metrics import MetricsServer, WorkerMetrics
-from streams.model_store import ModelStore
-from streams.model_updates import (ModelWatcher, ensure_model_updates_topic, newest_loadable,
+from streams.worker.agents import ScoringAgent
+from streams.shared.config import StreamConfig
+from streams.shared.kafka_config import faust_credentials
+from streams.shared.metrics import MetricsServer, WorkerMetrics
+from streams.shared.model_store import ModelStore
+from streams.shared.model_updates import (ModelWatcher, ensure_model_updates_topic, newest_loadable,
                                    read_announcements)
-from streams.scoring import Scorer
-from streams.tables import user_state_table
-from streams.topics import ensure_topics, raw_topic, topic_id, topic_partitions
+from streams.worker.scoring import Scorer
+from streams.worker.tables import user_state_table
+from streams.shared.topics import ensure_topics, raw_topic, topic_id, topic_partitions
 
 STATE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 
@@ -67,7 +67,7 @@ def create_app(cfg: StreamConfig, scorer: Scorer, metrics: WorkerMetrics | None 
     app = faust.App(
         cfg.app_id,
         broker=f"kafka://{cfg.broker}",
-        broker_credentials=faust_credentials(),     # MLSA4REC_KAFKA_* (streams/kafka_config.py)
+        broker_credentials=faust_credentials(),     # MLSA4REC_KAFKA_* (streams/shared/kafka_config.py)
         store="rocksdb://",                 # faust uses rocksdict when it is installed
         datadir=cfg.data_dir,
         topic_partitions=cfg.partitions,

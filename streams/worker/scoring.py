@@ -1,7 +1,7 @@
 """Scoring one batch of events: per-user records in, new records and recommendations out.
 
 No Kafka and no Faust here, so the whole batch cycle is testable without a broker; the agent
-(streams/agents.py) only moves bytes between topics, the table and this class.
+(streams/worker/agents.py) only moves bytes between topics, the table and this class.
 
 A user's stored record (`UserRecord`) holds the model version that started the state (built
 it from scratch or from the history), the step state bytes (model/state.py), the partition

@@ -13,8 +13,8 @@ import time
 from confluent_kafka import TopicCollection
 from confluent_kafka.admin import AdminClient, NewTopic
 
-from streams.config import StreamConfig
-from streams.kafka_config import client_config
+from streams.shared.config import StreamConfig
+from streams.shared.kafka_config import client_config
 
 
 def topic_partitions(cfg: StreamConfig) -> dict[str, int]:

@@ -165,7 +165,7 @@ def run_evaluate_stream(broker: str, interactions_topic: str, recommendations_to
     from confluent_kafka import Consumer
 
     from schemas.codec import DecodeError, decode_interaction, decode_recommendation
-    from streams.kafka_config import client_config
+    from streams.shared.kafka_config import client_config
 
     consumer = Consumer({**client_config(broker), "group.id": f"evaluate-{uuid.uuid4().hex}",
                          "auto.offset.reset": "earliest", "enable.auto.commit": False})

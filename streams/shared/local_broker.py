@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 BROKER_SH = REPO / "infra" / "kafka" / "broker.sh"
 KAFKA_VERSION = os.environ.get("KAFKA_VERSION", "4.1.1")
 

@@ -12,7 +12,7 @@ from typing import Iterable, Iterator
 from confluent_kafka import Consumer, KafkaError, Producer
 
 from schemas.codec import decode_recommendation, encode_interaction
-from streams.kafka_config import client_config
+from streams.shared.kafka_config import client_config
 
 # librdkafka's default partitioner differs from the Java client's; murmur2 puts a user on the
 # partition that Java and aiokafka (Faust) producers would choose too.

@@ -18,9 +18,9 @@ import time
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
 
-from streams.kafka_config import client_config
-from streams.model_store import ModelStore
-from streams.topics import ensure_topics
+from streams.shared.kafka_config import client_config
+from streams.shared.model_store import ModelStore
+from streams.shared.topics import ensure_topics
 
 log = logging.getLogger(__name__)
 KEY = b"model"

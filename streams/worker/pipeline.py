@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 
-from streams.scoring import UserRecord
+from streams.worker.scoring import UserRecord
 
 
 class UnwrittenRecords:

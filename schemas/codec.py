@@ -30,12 +30,14 @@ from __future__ import annotations
 import datetime as _dt
 import io
 import json
+import operator
 import struct
 import threading
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import fastavro
+import numpy as np
 from fastavro.read import SchemaResolutionError
 from fastavro.schema import to_parsing_canonical_form
 from fastavro.validation import ValidationError, validate
@@ -442,3 +444,125 @@ def encode_recommendation(record: Mapping[str, Any]) -> bytes:
 def decode_recommendation(data: bytes) -> dict:
     """Timestamps come back as int epoch millis."""
     return _pinned_codec("recommendation").decode(data)
+
+
+# --------------------------------------------------------------------------
+# fast Recommendation batches (no per-item dicts, no fastavro)
+
+_INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
+_SMALL_LONGS = tuple(bytes((n << 1,)) for n in range(64))  # 0..63 zigzag to one byte
+
+
+def _varint_long(n: int) -> bytes:
+    """Avro long (or int): zigzag, then little-endian base-128 varint."""
+    if 0 <= n < 64:  # lengths, counts and ranks: the common case, looked up
+        return _SMALL_LONGS[n]
+    if not _INT64_MIN <= n <= _INT64_MAX:
+        raise ValueError(f"{n} does not fit an Avro long")
+    z = (n << 1) ^ (n >> 63)
+    out = bytearray()
+    while z > 0x7F:
+        out.append((z & 0x7F) | 0x80)
+        z >>= 7
+    out.append(z)
+    return bytes(out)
+
+
+def _avro_string(s: str, what: str) -> bytes:
+    if not isinstance(s, str):
+        raise TypeError(f"{what} must be a str, got {type(s).__name__}")
+    raw = s.encode("utf-8")
+    return _varint_long(len(raw)) + raw  # the length counts bytes, not characters
+
+
+def _as_2d(values: Any, name: str, integers: bool) -> np.ndarray:
+    """A contiguous (rows, k) int64 or little-endian float32 array; torch tensors (any
+    device) are accepted."""
+    if hasattr(values, "detach"):  # torch.Tensor, without importing torch here
+        values = values.detach().cpu().numpy()
+    try:
+        arr = np.asarray(values)
+    except ValueError as e:  # ragged nested lists
+        raise ValueError(f"{name}: rows of different lengths ({e})") from None
+    if arr.size == 0 and arr.ndim == 1:
+        arr = arr.reshape(0, 0)
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (rows x k), got shape {arr.shape}")
+    if integers and arr.size and arr.dtype.kind not in "iu":
+        # Casting floats to indices would silently truncate them.
+        raise TypeError(f"{name} must hold integers, got dtype {arr.dtype}")
+    return np.ascontiguousarray(arr, dtype=np.int64 if integers else "<f4")
+
+
+class RecommendationWriter:
+    """Encodes batches of Recommendations to the exact bytes of `encode_recommendation`.
+
+    item_ids: index -> raw item id; each id's Avro string is encoded once, here.
+    schema_id: the id in the wire header; by default the pinned one that
+    encode_recommendation writes with. The layout written is recommendation.avsc's,
+    so an id must name that schema (or one with the same Parsing Canonical Form).
+    Immutable: a model with other items gets a new writer.
+    """
+
+    def __init__(self, item_ids: list[str], schema_id: int | None = None):
+        self._ids = tuple(_avro_string(raw, f"item id at index {i}") for i, raw in enumerate(item_ids))
+        self.schema_id = _pinned_codec("recommendation").schema_id if schema_id is None else int(schema_id)
+        self._header = _HEADER.pack(MAGIC, self.schema_id)
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def encode_batch(self, user_ids: list[str], event_ids: list[str], event_timestamps: list[int],
+                     top_items: Any, scores: Any, model_version: str, produced_at: int) -> list[bytes]:
+        """One wire-format Recommendation per row.
+
+        top_items: (rows, k) item indices; scores: (rows, k) scores, written as float32.
+        Items scored -inf are left out and never looked up (so their index may be a spare
+        row); ranks are 1-based among the items kept. Raises ValueError for arguments whose
+        rows disagree, IndexError for a kept item index outside item_ids.
+        """
+        rows = len(user_ids)
+        for name, seq in (("event_ids", event_ids), ("event_timestamps", event_timestamps)):
+            if len(seq) != rows:
+                raise ValueError(f"{name} has {len(seq)} rows, user_ids has {rows}")
+        items = _as_2d(top_items, "top_items", True)
+        values = _as_2d(scores, "scores", False)
+        if items.shape[0] != rows:
+            raise ValueError(f"top_items has {items.shape[0]} rows, user_ids has {rows}")
+        if values.shape != items.shape:
+            raise ValueError(f"scores has shape {values.shape}, top_items has {items.shape}")
+        k = items.shape[1]
+        keep = values != -np.inf
+        bad = keep & ((items < 0) | (items >= len(self._ids)))
+        if bad.any():
+            row, col = (int(x) for x in np.argwhere(bad)[0])
+            raise IndexError(f"top_items[{row}][{col}] = {int(items[row, col])} is not an item "
+                             f"index (the writer has {len(self._ids)} items)")
+
+        ids, header = self._ids, self._header
+        ranks = [_varint_long(r) for r in range(k + 1)]  # ranks 1..k, shared by every row
+        packed = values.tobytes()  # every score of the batch in one call, sliced below
+        tail = _avro_string(model_version, "model_version") + _varint_long(operator.index(produced_at))
+        all_kept = bool(keep.all())
+        kept_counts = keep.sum(axis=1).tolist()
+        items_list = items.tolist()
+        keep_list = None if all_kept else keep.tolist()
+        out = []
+        for row in range(rows):
+            parts = [header, _avro_string(user_ids[row], "user_id"),
+                     _avro_string(event_ids[row], "event_id"),
+                     _varint_long(operator.index(event_timestamps[row]))]
+            n = kept_counts[row]
+            if n:
+                parts.append(_varint_long(n))  # one block holding every item
+                base = row * k * 4
+                rank = 0
+                for col, index in enumerate(items_list[row]):
+                    if all_kept or keep_list[row][col]:
+                        rank += 1
+                        at = base + col * 4
+                        parts += (ids[index], packed[at:at + 4], ranks[rank])
+            parts.append(b"\x00")  # end of the array (alone: an empty array)
+            parts.append(tail)
+            out.append(b"".join(parts))
+        return out

@@ -142,7 +142,7 @@ def test_produce_sends_nothing_of_a_file_with_a_bad_record_and_says_so_for_stdin
     import io
 
     import cli
-    from streams import clients
+    from streams.shared import clients
 
     monkeypatch.setattr(clients, "Producer", RecordingProducer)
     RecordingProducer.sent = []
@@ -171,7 +171,7 @@ def test_produce_streams_a_pipe_instead_of_reading_it_twice(tmp_path, monkeypatc
     import threading
 
     import cli
-    from streams import clients
+    from streams.shared import clients
 
     monkeypatch.setattr(clients, "Producer", RecordingProducer)
     RecordingProducer.sent = []

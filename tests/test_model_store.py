@@ -108,7 +108,7 @@ class FailingConsumer:
 def test_worker_health_fails_while_recovering_and_once_the_watcher_stops(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    from streams import model_updates
+    from streams.shared import model_updates
     from streams.worker.app import worker_health
 
     agent = SimpleNamespace(started=True, scorer=SimpleNamespace(version="v0"),
@@ -139,7 +139,7 @@ def test_worker_health_fails_while_recovering_and_once_the_watcher_stops(tmp_pat
 def test_start_up_reads_past_records_that_are_not_announcements(tmp_path, monkeypatch):
     """A tombstone or a JSON value that is not an object, newer than the newest good version,
     must not stop a worker or the trainer from starting on that version."""
-    from streams import model_updates
+    from streams.shared import model_updates
     from streams.shared.model_updates import newest_loadable, read_announcements
 
     store = ModelStore(tmp_path / "models")

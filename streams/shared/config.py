@@ -36,6 +36,11 @@ class StreamConfig:
     data_dir: str = "runs/worker"       # RocksDB tables live here; one folder per worker
     table_cache_mb: int = 64            # RocksDB block cache per table partition
     table_write_buffer_mb: int = 16     # RocksDB write buffer (x2) per table partition
+    # Hot users' states in memory (streams/worker/state_cache.py): bounds the worker's memory
+    # for states whatever the number of users; a user not in it is read from the table.
+    state_cache_mb: int = 512
+    flush_every_s: float = 2.0          # write changed users to the table (then commit) this often
+    snapshot_every: int = 16            # a user's full state every N of its clicks, items between
     metrics_port: int = 9108            # Prometheus /metrics and /health; 0 = off
     # How soon the group notices a dead worker and hands its partitions on (broker minimum: 6 s).
     session_timeout_s: float = 10.0

@@ -40,7 +40,10 @@ class WorkerMetrics:
         self.events = Counter("mlsa4rec_events", "Clicks handled, by outcome", ["outcome"],
                               registry=r)
         self.batch_size = Histogram("mlsa4rec_batch_size", "Clicks per model batch",
-                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
+                                    # fine near the usual --batch-max values: is a
+                                    # batch full under a backlog?
+                                    buckets=(1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 160, 192,
+                                             224, 255, 256, 384, 511, 512, 1024),
                                     registry=r)
         self.step_seconds = Histogram("mlsa4rec_step_seconds",
                                       "Model-thread time per batch (step, top-k, serialise)",
@@ -59,6 +62,19 @@ class WorkerMetrics:
         self.model_swaps = Counter("mlsa4rec_model_swaps", "Model versions swapped in", registry=r)
         self.model_refused = Counter("mlsa4rec_model_refused", "Announced versions refused",
                                      registry=r)
+        self.flushes = Counter("mlsa4rec_state_flushes", "State cache flushes written to the table",
+                               registry=r)
+        self.flushed_bytes = Counter(
+            "mlsa4rec_state_flushed_bytes",
+            "Bytes (keys + values) the flushes wrote to the table, and so to its changelog",
+            registry=r)
+        self.flushed_users = Counter("mlsa4rec_state_flushed_users", "User records flushed",
+                                     registry=r)
+        self.snapshots = Counter("mlsa4rec_state_snapshots", "State snapshots flushed", registry=r)
+        self.cache_misses = Counter("mlsa4rec_state_cache_misses",
+                                    "Users read from the table (not in the state cache)", registry=r)
+        self.cache_users = Gauge("mlsa4rec_state_cache_users", "Users in the state cache",
+                                 registry=r)
         state_bytes = Gauge("mlsa4rec_state_store_bytes", "Bytes of the RocksDB tables on disk",
                             registry=r)
         state_bytes.set_function(lambda: directory_bytes(data_dir))

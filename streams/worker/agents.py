@@ -1,22 +1,29 @@
-"""The scoring agent: a batch of raw events in, one Recommendation per event out.
+"""The scoring agent: clicks in, one Recommendation per click out, states written back in flushes.
 
-Two stages, so that the model and the event loop work at the same time:
-  start (event loop)   decode (an event that does not decode goes to the dead-letter topic,
-                       reason in a header), read the users' records from the state table, and
-                       hand the batch to the model thread;
-  model thread         swap in a new model version if one is ready (streams/shared/model_updates.py),
-                       lay the records of earlier batches that its table reads may not show
-                       over the table's (streams/worker/pipeline.py), score, serialise records and
-                       recommendations;
-  finish (event loop)  send the recommendations and wait for the broker's acks, only then
-                       write the records to the table, then ack the batch's events.
-Batches finish in the order they started; at most `pipeline_depth` wait to finish.
+Three parts, so that the model and the event loop work at the same time:
+  reader (event loop)  takes what Faust delivers (`take_events`, a few ms at a time) into
+                       `pending`; it pauses when that holds two batches, so Faust's own
+                       buffers fill and the consumer stops fetching (back-pressure);
+  dispatcher           when the model thread is free, hands it everything pending up to
+                       `batch_max`: under load batches fill while the model works, and
+                       `batch_wait_ms` only bounds how long a quiet stream waits;
+  model thread         decodes (what does not decode goes to the dead letters), swaps in a
+                       new model version if one is ready, reads the users it does not hold
+                       from the table, steps and ranks (streams/worker/scoring.py) on the
+                       state cache (streams/worker/state_cache.py), encodes the
+                       recommendations, and every `flush_every_s` makes a flush: the records
+                       of the users changed since the last one;
+  finisher (loop)      in batch order: sends the recommendations (confluent-kafka,
+                       streams/worker/producer.py) and waits for their acks; for a batch that
+                       carries a flush, writes it to the table and only then acks every event
+                       held since the previous flush.
 
-Each event's message holds an extra reference until its batch has finished, so Faust commits
-its offset only after its record is in the table (take_events alone would ack it as soon as
-the next batch is taken). A crash before the table write replays the batch from the old
-states: the same recommendations again (at least once). A crash after it replays events
-that the records mark as applied: skipped.
+Each event's message holds an extra reference until the flush that covers it is in the table,
+so Faust commits its offset only then. A crash before that replays the events from the stored
+states: the same recommendations again (at least once). A crash after it replays events that
+the records mark as applied: skipped. A rebalance first flushes (Faust waits for every held
+event before it gives partitions away), then the cache is emptied: the table is the truth
+again for whatever partitions come back.
 """
 
 from __future__ import annotations
@@ -26,16 +33,24 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from schemas.codec import DecodeError, encode_recommendation
+import torch
+
+from model.state import state_size
+from schemas.codec import DecodeError, RecommendationWriter
 from streams.shared.clicks import checked_click
-from streams.worker.pipeline import UnwrittenRecords
-from streams.worker.scoring import BatchStats, Event, UserRecord
+from streams.worker.scoring import BatchStats, Event, UserRecord, snapshot_key
+from streams.worker.state_cache import Flush, StateCache
 from streams.worker.tables import as_current
 
 log = logging.getLogger(__name__)
+
+# take_events hands over what arrived within this long: small, so that an event waits in
+# Faust's buffer at most this before the dispatcher sees it.
+READ_WITHIN_S = 0.002
 
 
 def to_event(message_event) -> Event:
@@ -48,22 +63,25 @@ def to_event(message_event) -> Event:
 
 @dataclass
 class Scored:
-    records: dict[str, UserRecord]          # the records to write, by user
-    blobs: dict[str, bytes]                 # ... serialised
-    recommendations: list[tuple[bytes, bytes]]  # (key, Avro value) in event order
+    recommendations: list[tuple[bytes, bytes]]      # (key, Avro value) in event order
+    dead_letters: list[tuple[object, str]]          # (message event, reason)
     stats: BatchStats
+    flush: Flush | None = None
 
 
 @dataclass
 class Job:
-    message_events: list                    # every event of the batch, acked when it finishes
-    last_event_of: dict                     # user -> its last message event (table partition)
+    message_events: list                    # every event of the batch, acked after a flush
     scored: asyncio.Future                  # -> Scored
     number: int = 0                         # batches started before this one
+    flush: bool = False                     # asked to flush (rebalance, timer, stop)
+    done: asyncio.Future | None = field(default=None)   # set when finished (flush_now)
 
 
 FAULT_POINTS = ("after_consume", "after_score", "after_produce", "after_state_write", "after_ack")
 RAISE_IN_SCORING = "raise_in_scoring"       # an exception, not an exit: what a bug would do
+# These happen at flushes only: they fire at the first flush of a batch at or after the number.
+AT_FLUSH = ("after_state_write", "after_ack")
 
 
 def parse_fault(text: str) -> tuple[str, int] | None:
@@ -81,87 +99,242 @@ def parse_fault(text: str) -> tuple[str, int] | None:
 
 class ScoringAgent:
     def __init__(self, cfg, scorer, recommendations, dead_letters, table,
-                 recovery=None, metrics=None, highwater=None, on_failure=None):
-        """metrics: streams.shared.metrics.WorkerMetrics or None; highwater(tp) -> the partition's
-        end offset (for the lag gauge); on_failure(exc): called once if finishing batches
-        fails (the worker crashes itself: create_app)."""
+                 recovery=None, metrics=None, highwater=None, on_failure=None,
+                 producer_factory=None):
+        """recommendations: the output topic (Faust), used without `producer_factory`;
+        producer_factory(loop) -> streams.worker.producer.AsyncProducer, which sends the
+        recommendations instead (librdkafka batches in C; one Python call per batch); metrics:
+        streams.shared.metrics.WorkerMetrics or None; highwater(tp) -> the partition's end
+        offset (for the lag gauge); on_failure(exc): called once if a batch fails (the worker
+        crashes itself: create_app)."""
         self.cfg, self.scorer, self.table, self.recovery = cfg, scorer, table, recovery
         self.on_failure = on_failure or (lambda exc: None)
         self.failure: BaseException | None = None
         self.metrics, self.highwater = metrics, highwater
         self.started = False
         self.batches_started = 0
-        self.batches_written = 0            # batches whose records are in the table
         self.fault = parse_fault(os.environ.get("MLSA4REC_FAULT", ""))
         self.recommendations, self.dead_letters = recommendations, dead_letters
+        self.producer_factory, self.producer = producer_factory, None
         # One model thread: batches are scored in the order they came, off the event loop.
         self.executor = ThreadPoolExecutor(1, thread_name_prefix="model")
-        self.unwritten = UnwrittenRecords()
+        self.cache = StateCache(scorer.template, scorer.state_dtype,
+                                capacity=cache_rows(cfg.state_cache_mb, scorer),
+                                snapshot_every=cfg.snapshot_every,
+                                history_len=scorer.history_len)
+        if self.cache.capacity < 2 * cfg.batch_max:
+            raise ValueError(f"--state-cache-mb {cfg.state_cache_mb} holds {self.cache.capacity} "
+                             f"users: it must hold at least 2 x --batch-max ({cfg.batch_max})")
+        self.writer = RecommendationWriter(scorer.item_ids)
         self._next_model = None                 # (model, item ids, version, parent) to serve next
         self._next_model_lock = threading.Lock()
         self.counts = {"events": 0, "applied": 0, "dead_letters": 0, "duplicates": 0,
                        "unknown_items": 0}
         self.last_report = time.monotonic()
+        # Event loop side.
+        self.pending: deque = deque()           # message events taken, not yet in a batch
+        self.first_pending_at = 0.0
+        self.held: list = []                    # message events waiting for a flush
+        self.event_of_partition: dict[int, object] = {}   # a message event per table partition
+        self.unscored = 0                       # batches handed to the model thread, not done
+        self.wakeup = asyncio.Event()
+        self.room = asyncio.Event()
+        self.flush_requested = False
+        self.rebalancing = False
+        self.drop_cache = False                 # model thread: empty the cache first
+        self.last_flush = time.monotonic()      # written (event loop)
+        self.flush_made_at = time.monotonic()   # made (model thread)
+        self.submit_lock = asyncio.Lock()
+        self.jobs: asyncio.Queue | None = None
 
+    # -- the event loop ------------------------------------------------------------------
     async def run(self, stream) -> None:
-        jobs: asyncio.Queue[Job] = asyncio.Queue(max(1, self.cfg.pipeline_depth))
-        finisher = asyncio.ensure_future(self.finish_jobs(stream, jobs))
+        if self.producer_factory is not None and self.producer is None:
+            self.producer = self.producer_factory(asyncio.get_running_loop())
+        self.jobs = asyncio.Queue(max(1, self.cfg.pipeline_depth))
+        finisher = asyncio.ensure_future(self.finish_jobs(stream, self.jobs))
+        reader = asyncio.ensure_future(self.read(stream))
+        timer = asyncio.ensure_future(self.flush_timer())
         # A batch that fails (scoring, sending, writing) stops the worker now, not when the
         # next batch comes: on a quiet stream that could be never.
-        finisher.add_done_callback(self._finisher_done)
+        for task in (finisher, reader, timer):
+            task.add_done_callback(self._task_done)
         self.started = True
         try:
-            async for batch in stream.take_events(self.cfg.batch_max,
-                                                  within=self.cfg.batch_wait_ms / 1000):
-                for message_event in batch:
-                    message_event.message.incref()      # released in finish()
-                job = await self.start(batch)
-                put = asyncio.ensure_future(jobs.put(job))
-                await asyncio.wait({put, finisher}, return_when=asyncio.FIRST_COMPLETED)
+            while True:
+                batch, flush = await self.next_batch()
+                async with self.submit_lock:
+                    await self.submit(batch, flush)
                 if finisher.done():
-                    put.cancel()
                     finisher.result()                   # re-raises what stopped it
         finally:
-            finisher.cancel()
+            for task in (finisher, reader, timer):
+                task.cancel()
 
-    def _finisher_done(self, finisher: asyncio.Future) -> None:
-        if finisher.cancelled() or finisher.exception() is None:
+    def _task_done(self, task: asyncio.Future) -> None:
+        if task.cancelled() or task.exception() is None or self.failure is not None:
             return
-        self.failure = finisher.exception()
-        log.error("finishing a batch failed: %r; the worker stops", self.failure)
+        self.failure = task.exception()
+        log.error("the scoring agent failed: %r; the worker stops", self.failure)
         self.on_failure(self.failure)
 
-    async def start(self, batch) -> Job:
-        if self.recovery is not None:
+    async def read(self, stream) -> None:
+        async for batch in stream.take_events(self.cfg.batch_max, within=READ_WITHIN_S):
+            for message_event in batch:
+                message_event.message.incref()      # released after the flush covering it
+            if not self.pending:
+                self.first_pending_at = time.monotonic()
+            self.pending.extend(batch)
+            self.wakeup.set()
+            while len(self.pending) >= 2 * self.cfg.batch_max:
+                self.room.clear()
+                await self.room.wait()
+
+    async def next_batch(self) -> tuple[list, bool]:
+        """What the model thread gets next, once it is free: up to batch_max pending events,
+        as soon as there are that many, or batch_wait_ms after the first of them came; or a
+        flush (with whatever is pending) when one is asked for."""
+        wait = self.cfg.batch_wait_ms / 1000
+        while True:
+            timeout = None
+            if self.unscored == 0 and (self.pending or self.flush_requested):
+                age = time.monotonic() - self.first_pending_at
+                if (len(self.pending) >= self.cfg.batch_max or self.flush_requested
+                        or age >= wait):
+                    break
+                timeout = wait - age
+            self.wakeup.clear()
+            try:
+                await asyncio.wait_for(self.wakeup.wait(), timeout)
+            except asyncio.TimeoutError:
+                pass
+        n = min(len(self.pending), self.cfg.batch_max)
+        batch = [self.pending.popleft() for _ in range(n)]
+        if self.pending:
+            self.first_pending_at = time.monotonic()
+        self.room.set()
+        flush = self.flush_requested or self.rebalancing
+        self.flush_requested = False
+        return batch, flush
+
+    async def submit(self, batch: list, flush: bool) -> Job:
+        """Hand a batch to the model thread and queue it for the finisher (in order)."""
+        if batch and self.recovery is not None:
             # Faust can hand over events fetched before a rebalance's table recovery and seek
             # have finished; score only on restored states.
             await self.recovery.completed.wait()
-        events, last_event_of = [], {}
-        for message_event in batch:
-            try:
-                event = to_event(message_event)
-            except DecodeError as exc:
-                await self.dead_letter(message_event, exc.reason)
-                continue
-            events.append(event)
-            last_event_of[event.user_id] = message_event
-        read_after, records = self.batches_written, {}     # no await from here to the reads
-        for user, message_event in last_event_of.items():
-            with as_current(message_event):
-                raw = self.table.get(user.encode())
-            records[user] = UserRecord.from_bytes(raw) if raw is not None else None
-        number = self.batches_started
-        self.batches_started += 1
-        self.crash_if("after_consume", number)
+        number = self.batches_started       # batches of events: a flush alone is not one
+        if batch:
+            self.batches_started += 1
+            self.crash_if("after_consume", number)
+        self.unscored += 1
         scored = asyncio.get_running_loop().run_in_executor(
-            self.executor, self.score, events, records, read_after, number)
-        return Job(list(batch), last_event_of, scored, number)
+            self.executor, self.score, batch, number, flush)
+        scored.add_done_callback(self._scored)
+        job = Job(batch, scored, number, flush, asyncio.get_running_loop().create_future())
+        await self.jobs.put(job)
+        return job
+
+    def _scored(self, _future) -> None:
+        self.unscored -= 1
+        self.wakeup.set()
+
+    def request_flush(self) -> None:
+        """Flush with the next batch, or alone if none comes (any loop callback)."""
+        self.flush_requested = True
+        self.wakeup.set()
+
+    async def flush_timer(self) -> None:
+        """On a quiet stream, write back and commit anyway every flush_every_s."""
+        while True:
+            await asyncio.sleep(self.cfg.flush_every_s / 2)
+            if self.held and time.monotonic() - self.last_flush >= self.cfg.flush_every_s:
+                self.request_flush()
+
+    async def flush_now(self) -> None:
+        """Flush everything scored so far and wait until it is written and acked (a clean
+        stop: the next start replays nothing)."""
+        if self.jobs is None:
+            return
+        async with self.submit_lock:
+            job = await self.submit([], flush=True)
+        await job.done
+
+    def on_rebalance_start(self) -> None:
+        """Faust is about to take the partitions away (and waits for every held event): flush
+        now; until the new assignment every batch flushes."""
+        self.rebalancing = True
+        self.request_flush()
+
+    def on_partitions_assigned(self) -> None:
+        """The table is the truth again: the model thread empties the cache before its next
+        batch (partitions may have moved; the revoke flushed every dirty user)."""
+        self.rebalancing = False
+        self.drop_cache = True
 
     def crash_if(self, point: str, number: int) -> None:
-        if self.fault == (point, number):
+        if self.fault == (point, number) or (
+                point in AT_FLUSH and self.fault and self.fault[0] == point
+                and number >= self.fault[1]):
             log.error("injected fault: exiting at %s of batch %d", point, number)
             os._exit(70)
 
+    async def finish_jobs(self, stream, jobs: asyncio.Queue) -> None:
+        while True:
+            job = await jobs.get()
+            await self.finish(stream, job)
+            job.done.set_result(None)
+
+    async def finish(self, stream, job: Job) -> None:
+        scored = await job.scored
+        if job.message_events:
+            self.crash_if("after_score", job.number)
+        for message_event, reason in scored.dead_letters:
+            await self.dead_letter(message_event, reason)
+        await self.send(scored.recommendations)
+        if job.message_events:
+            self.crash_if("after_produce", job.number)
+        for message_event in job.message_events:
+            self.event_of_partition[message_event.message.partition] = message_event
+        self.held += job.message_events
+        if scored.flush is not None:
+            self.write(scored.flush)
+            self.crash_if("after_state_write", job.number)
+            held, self.held = self.held, []
+            for message_event in held:
+                await stream.ack(message_event)
+            self.crash_if("after_ack", job.number)
+        for name in ("events", "applied", "duplicates", "unknown_items"):
+            self.counts[name] += getattr(scored.stats, name)
+        if self.metrics:
+            self.observe(job, scored)
+        self.report()
+
+    async def send(self, recommendations: list[tuple[bytes, bytes]]) -> None:
+        """Out, and acknowledged by the broker, before any state that made them is stored."""
+        if not recommendations:
+            return
+        if self.producer is not None:
+            await self.producer.send_batch(self.cfg.recommendations_topic, recommendations)
+            return
+        deliveries = [await self.recommendations.send(key=key, value=value)
+                      for key, value in recommendations]
+        await asyncio.gather(*deliveries)
+
+    def write(self, flush: Flush) -> None:
+        """A flush into the table (RocksDB and, through Faust, its changelog)."""
+        for partition, key, value in flush.writes:
+            with as_current(self.event_of_partition[partition]):
+                self.table[key] = value
+        self.cache.flush_written(flush.number)
+        self.last_flush = time.monotonic()
+        if self.metrics:
+            self.metrics.flushes.inc()
+            self.metrics.flushed_bytes.inc(flush.bytes)
+            self.metrics.flushed_users.inc(flush.users)
+            self.metrics.snapshots.inc(flush.snapshots)
+
+    # -- the model thread ----------------------------------------------------------------
     def serve_next(self, model, item_ids: list[str], version: str,
                    parent: str | None = None) -> None:
         """Swap to this model before the next batch (any thread); a newer call wins."""
@@ -171,61 +344,145 @@ class ScoringAgent:
                 parent = skipped[3]       # its parent never served: the lineage goes through
             self._next_model = (model, item_ids, version, parent)
 
-    def score(self, events: list[Event], records, read_after: int, number: int) -> Scored:
-        """The model thread's part of batch `number`, whose table reads show the writes of the
-        batches before `read_after`."""
-        with self._next_model_lock:
-            next_model, self._next_model = self._next_model, None
-        if next_model is not None:
-            previous = self.scorer.version
-            self.scorer.swap(*next_model)
-            log.info("serving model version %s (was %s)", self.scorer.version, previous)
-            if self.metrics:
-                self.metrics.model_swaps.inc()
-                self.metrics.serving(self.scorer.version, previous)
-        if not events:
-            return Scored({}, {}, [], BatchStats())
-        if self.fault == (RAISE_IN_SCORING, number):
+    def score(self, batch: list, number: int, flush: bool = False) -> Scored:
+        """The model thread's part of batch `number`."""
+        started = time.perf_counter()
+        self.cache.forget_written()
+        swap_flush = self._swap_if_asked()
+        if self.drop_cache:
+            self.drop_cache = False
+            lost = self.cache.drop_all()
+            if lost:
+                log.error("a rebalance dropped %d unflushed users' records", lost)
+        events, dead = [], []
+        last_of_user: dict[str, Event] = {}
+        for message_event in batch:
+            try:
+                event = to_event(message_event)
+            except DecodeError as exc:
+                dead.append((message_event, exc.reason))
+                continue
+            events.append(event)
+            last_of_user[event.user_id] = event
+        if self.fault == (RAISE_IN_SCORING, number) and events:
             time.sleep(1.0)     # as if after scoring: the event loop has gone on meanwhile
             raise RuntimeError(f"injected fault: an exception in scoring batch {number}")
-        updated, recs, stats = self.scorer.process(events,
-                                                   self.unwritten.overlay(records, read_after))
-        self.unwritten.add(updated, number)
-        return Scored(updated, {user: record.to_bytes() for user, record in updated.items()},
-                      [(rec["user_id"].encode(), encode_recommendation(rec)) for rec in recs],
-                      stats)
+        stats = BatchStats(events=len(events))
+        recommendations = self._score_events(events, last_of_user, stats) if events else []
+        out = swap_flush        # users changed in this batch go with the next flush then
+        if out is None and (flush or self.cache.needs_flush() or (
+                time.monotonic() - self.flush_made_at >= self.cfg.flush_every_s)):
+            out = self.cache.flush()
+        if out is not None:
+            self.flush_made_at = time.monotonic()
+        stats.seconds = time.perf_counter() - started
+        return Scored(recommendations, dead, stats, out)
 
-    async def finish_jobs(self, stream, jobs: asyncio.Queue) -> None:
-        while True:
-            job = await jobs.get()
-            await self.finish(stream, job)
-
-    async def finish(self, stream, job: Job) -> None:
-        scored = await job.scored
-        self.crash_if("after_score", job.number)
-        deliveries = [await self.recommendations.send(key=key, value=value)
-                      for key, value in scored.recommendations]
-        await asyncio.gather(*deliveries)
-        self.crash_if("after_produce", job.number)
-        for user, blob in scored.blobs.items():
-            with as_current(job.last_event_of[user]):
-                self.table[user.encode()] = blob
-        self.batches_written += 1
-        self.crash_if("after_state_write", job.number)
-        for message_event in job.message_events:
-            await stream.ack(message_event)
-        self.crash_if("after_ack", job.number)
-        for name in ("events", "applied", "duplicates", "unknown_items"):
-            self.counts[name] += getattr(scored.stats, name)
+    def _swap_if_asked(self) -> Flush | None:
+        """A model version waiting to be served goes in now. If its states have another
+        shape (another architecture), the cache is flushed and emptied first: returns that
+        flush."""
+        with self._next_model_lock:
+            next_model, self._next_model = self._next_model, None
+        if next_model is None:
+            return None
+        previous = self.scorer.version
+        self.scorer.swap(*next_model)
+        self.writer = RecommendationWriter(self.scorer.item_ids)
+        log.info("serving model version %s (was %s)", self.scorer.version, previous)
         if self.metrics:
-            self.observe(job, scored.stats)
-        self.report()
+            self.metrics.model_swaps.inc()
+            self.metrics.serving(self.scorer.version, previous)
+        if self.cache.fits(self.scorer.template):
+            return None
+        flushed = self.cache.flush()
+        self.cache.reset(self.scorer.template)
+        return flushed
 
-    def observe(self, job: Job, stats: BatchStats) -> None:
-        m, now = self.metrics, time.time()
+    @torch.no_grad()
+    def _score_events(self, events: list[Event], last_of_user: dict[str, Event],
+                      stats: BatchStats) -> list[tuple[bytes, bytes]]:
+        scorer, cache = self.scorer, self.cache
+        records, entries, missing, stale = {}, {}, [], []
+        for user in last_of_user:
+            entry = cache.get(user)
+            if entry is None:
+                missing.append(user)
+            else:
+                entries[user] = entry
+                records[user] = entry.record
+                if scorer.template is not None and not scorer.in_lineage(entry.record):
+                    stale.append(user)              # started by a version no longer kept
+        snapshots = self._read(missing, last_of_user, records)
+        rounds, touched = scorer.plan(events, records, stats)
+        touched_set = set(touched)
+        for user in touched:
+            if user in entries:
+                cache.mark_dirty(user)      # dirty users are never evicted for the new ones
+        to_load = [u for u in missing if u in touched_set] + [u for u in stale
+                                                              if u in touched_set]
+        if to_load:
+            for user in stale:
+                # Rebuilt from the history, as a record read from the table would be.
+                records[user].snapshot_at = -1
+            loaded = scorer.load(to_load, records, snapshots, stats)
+            new_entries = []
+            for user in to_load:
+                if user in entries:
+                    new_entries.append(entries[user])
+                    continue
+                durable = records[user].snapshot_at if records[user].snapshot_at >= 0 else None
+                entries[user] = cache.add(user, records[user], last_of_user[user].partition,
+                                          durable)
+                new_entries.append(entries[user])
+            cache.scatter(new_entries, loaded)
+        if self.metrics:
+            self.metrics.cache_misses.inc(len(missing))
+            self.metrics.cache_users.set(len(cache))
+        touched_entries = [entries[u] for u in touched]
+        states = cache.gather(touched_entries)
+        ranked = scorer.advance(events, rounds, touched, records, states, stats)
+        cache.scatter(touched_entries, states)
+        for user in touched:
+            cache.mark_dirty(user)
+        values = self.writer.encode_batch(
+            [e.user_id for e in ranked.events], [e.event_id for e in ranked.events],
+            [e.timestamp_ms for e in ranked.events], ranked.items.numpy(), ranked.scores.numpy(),
+            ranked.version, ranked.produced_at)
+        return [(e.user_id.encode(), value) for e, value in zip(ranked.events, values)]
+
+    def _read(self, users: list[str], last_of_user, records) -> dict[str, bytes]:
+        """Records (into `records`) and state snapshots of users not in the cache: from a
+        flush not yet written, else from the table, one multi-get per partition."""
+        snapshots: dict[str, bytes] = {}
+        if not users:
+            return snapshots
+        by_partition: dict[int, list[str]] = {}
+        for user in users:
+            by_partition.setdefault(last_of_user[user].partition, []).append(user)
+        for partition, part_users in by_partition.items():
+            keys = [u.encode() for u in part_users]
+            heads = self.table.read_many(partition, keys)
+            for user, key, head in zip(part_users, keys, heads):
+                head = self.cache.read_unwritten(key) or head
+                records[user] = UserRecord.from_bytes(head) if head is not None else UserRecord()
+            wanted = [u for u in part_users if records[u].snapshot_at > 0]
+            if wanted:
+                keys = [snapshot_key(u.encode()) for u in wanted]
+                for user, key, blob in zip(wanted, keys, self.table.read_many(partition, keys)):
+                    blob = self.cache.read_unwritten(key) or blob
+                    if blob is not None:
+                        snapshots[user] = blob
+        return snapshots
+
+    # -- reporting -----------------------------------------------------------------------
+    def observe(self, job: Job, scored: Scored) -> None:
+        m, stats, now = self.metrics, scored.stats, time.time()
         m.events.labels("applied").inc(stats.applied)
         m.events.labels("duplicate").inc(stats.duplicates)
         m.unknown_items.inc(stats.unknown_items)
+        if not job.message_events:
+            return
         m.batch_size.observe(len(job.message_events))
         m.step_seconds.observe(stats.seconds)
         last_offset = {}
@@ -256,3 +513,11 @@ class ScoringAgent:
         self.counts["dead_letters"] += 1
         if self.metrics:
             self.metrics.events.labels("dead_letter").inc()
+
+
+def cache_rows(cache_mb: float, scorer) -> int:
+    """Users the state cache holds in cache_mb (their state rows; records are extra)."""
+    if scorer.template is None:
+        return max(2, int(cache_mb * 2 ** 20 // 1024))      # window models: records only
+    row = state_size(scorer.template) * scorer.state_dtype.itemsize
+    return max(2, int(cache_mb * 2 ** 20 // row))

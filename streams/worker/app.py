@@ -19,6 +19,7 @@ import torch
 from model.checkpoint import load_checkpoint
 from model.training import pick_device
 from streams.worker.agents import ScoringAgent
+from streams.worker.producer import AsyncProducer, producer_config
 from streams.shared.config import StreamConfig
 from streams.shared.kafka_config import faust_credentials
 from streams.shared.metrics import MetricsServer, WorkerMetrics
@@ -26,7 +27,7 @@ from streams.shared.model_store import ModelStore
 from streams.shared.model_updates import (ModelWatcher, ensure_model_updates_topic, newest_loadable,
                                    read_announcements)
 from streams.worker.scoring import Scorer
-from streams.worker.tables import user_state_table
+from streams.worker.tables import StateTable, user_state_table
 from streams.shared.topics import ensure_topics, raw_topic, topic_id, topic_partitions
 
 STATE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -88,10 +89,14 @@ def create_app(cfg: StreamConfig, scorer: Scorer, metrics: WorkerMetrics | None 
         cfg, scorer,
         recommendations=raw_topic(app, cfg.recommendations_topic, cfg.partitions),
         dead_letters=raw_topic(app, cfg.dead_letter_topic, cfg.partitions),
-        table=user_state_table(app, cfg.partitions, cfg.table_cache_mb, cfg.table_write_buffer_mb),
+        table=StateTable(user_state_table(app, cfg.partitions, cfg.table_cache_mb,
+                                          cfg.table_write_buffer_mb)),
         recovery=app.tables.recovery, metrics=metrics,
         highwater=lambda tp: app.consumer.highwater(tp),
-        on_failure=lambda exc: asyncio.ensure_future(app.crash(exc)))
+        on_failure=lambda exc: asyncio.ensure_future(app.crash(exc)),
+        producer_factory=lambda loop: AsyncProducer(
+            producer_config(cfg.broker, linger_ms=cfg.producer_linger_ms), loop))
+    tell_agent_of_rebalances(app, agent)
 
     # An exception in the agent stops the worker (CrashingSupervisor). Faust's default would
     # restart the agent in this process, over the pipeline of the failed run: its batches'
@@ -102,6 +107,24 @@ def create_app(cfg: StreamConfig, scorer: Scorer, metrics: WorkerMetrics | None 
         await agent.run(stream)
 
     return app, agent
+
+
+def tell_agent_of_rebalances(app, agent) -> None:
+    """The agent holds events until its next flush; Faust's revoke waits for every held event
+    (`stream_wait_empty`), so the agent must flush as soon as a rebalance starts, not when
+    its timer says. Faust has no signal that early (on_partitions_revoked is sent after that
+    wait), so its hook is wrapped. Once the new assignment is known the agent empties its
+    cache: the partitions it gets back are read from the table again."""
+    rebalance_start = app.on_rebalance_start
+
+    def on_rebalance_start() -> None:
+        rebalance_start()
+        agent.on_rebalance_start()
+    app.on_rebalance_start = on_rebalance_start
+
+    @app.on_partitions_assigned.connect
+    async def emptied_cache_on_assignment(sender, *args, **kwargs) -> None:
+        agent.on_partitions_assigned()
 
 
 def hold_events_until_streams_resume(app) -> None:
@@ -135,14 +158,30 @@ class ScorerWorker(faust.Worker):
     again and the records recognise what was applied (the crash tests show it)."""
 
     shutdown_timeout_s = 30.0
+    agent: ScoringAgent | None = None       # flushed before a stop on a signal
 
     def _on_sigterm(self) -> None:
         self._arm_deadline()
-        super()._on_sigterm()
+        self._flush_then(super()._on_sigterm)
 
     def _on_sigint(self) -> None:
         self._arm_deadline()
-        super()._on_sigint()
+        self._flush_then(super()._on_sigint)
+
+    def _flush_then(self, stop) -> None:
+        """Write the agent's cached users back before stopping, so that a clean stop leaves
+        nothing to replay (a stop without it loses nothing either: it replays)."""
+        if self.agent is None or getattr(self, "_flushing", False):
+            return stop()
+        self._flushing = True
+
+        async def flush_then_stop() -> None:
+            try:
+                await asyncio.wait_for(self.agent.flush_now(), self.shutdown_timeout_s / 2)
+            except Exception as exc:    # noqa: BLE001 - the stop goes on; replay covers it
+                logging.getLogger(__name__).warning("no flush before the stop: %r", exc)
+            stop()
+        asyncio.ensure_future(flush_then_stop())
 
     def _crash(self, reason: BaseException) -> None:
         # An agent's exception crashes every service (CrashingSupervisor, create_app); the stop
@@ -210,6 +249,7 @@ def run_worker(cfg: StreamConfig) -> None:
                 cfg.metrics_port, exc)
     worker = ScorerWorker(app, loglevel=cfg.log_level.upper(), quiet=True)
     worker.shutdown_timeout_s = cfg.shutdown_timeout_s
+    worker.agent = agent
     # Faust's progress spinner sets the root logger to DEBUG whatever the log level, and
     # aiokafka's per-message debug records then cost ~5% of a busy worker's time.
     worker.spinner = None

@@ -4,10 +4,14 @@ No Kafka and no Faust here, so the whole batch cycle is testable without a broke
 (streams/worker/agents.py) only moves bytes between topics, the table and this class.
 
 A user's stored record (`UserRecord`) holds the model version that started the state (built
-it from scratch or from the history), the step state bytes (model/state.py), the partition
-offset and id of the last applied event (so a replayed or duplicated event is not applied
-twice), and the last `history_len` raw item ids (to serve the window models, to exclude seen
-items, and to rebuild a state after a model change).
+it from scratch or from the history), the partition offset and id of the last applied event
+(so a replayed or duplicated event is not applied twice), and the last `history_len` raw item
+ids (to serve the window models, to exclude seen items, and to rebuild a state after a model
+change). The step state itself (model/state.py) is either embedded in the record (`state`:
+what `process` and versions before the state cache write) or kept as a snapshot under its own
+key (`snapshot_key`), taken after `snapshot_at` events: the state is then the snapshot stepped
+over the items applied since, which the record's history holds (`Scorer.load`). Step is
+deterministic, so that replay gives the state back (to float rounding).
 """
 
 from __future__ import annotations
@@ -25,6 +29,27 @@ from model.state import states_from_bytes, states_to_bytes
 from model.vocab import mask_spare_rows
 
 HISTORY_LEN = 50
+# Appended to a user's key for the key of its state snapshot. 0xFF never occurs in UTF-8, so
+# no user id's key can end in it: the snapshot key cannot be another user's record key.
+SNAPSHOT_SUFFIX = b"\xff"
+NO_SNAPSHOT = -1
+_SNAPSHOT_HEAD = struct.Struct(">Q")
+
+
+def snapshot_key(user_key: bytes) -> bytes:
+    return user_key + SNAPSHOT_SUFFIX
+
+
+def snapshot_to_bytes(applied: int, state_blob: bytes) -> bytes:
+    """A snapshot: the number of events it covers, then the state bytes (model/state.py)."""
+    return _SNAPSHOT_HEAD.pack(applied) + state_blob
+
+
+def snapshot_from_bytes(data: bytes) -> tuple[int, bytes]:
+    if len(data) < _SNAPSHOT_HEAD.size:
+        raise ValueError(f"state snapshot of {len(data)} bytes: too short")
+    (applied,) = _SNAPSHOT_HEAD.unpack_from(data)
+    return applied, bytes(data[_SNAPSHOT_HEAD.size:])
 
 
 @dataclass
@@ -47,6 +72,9 @@ class UserRecord:
     history: list[str] = field(default_factory=list)
     events_applied: int = 0
     unknown_items: int = 0
+    # events_applied when the snapshot under snapshot_key(user) was taken; 0 = the model's
+    # initial state (nothing stored); NO_SNAPSHOT = the state is in `state`, or there is none.
+    snapshot_at: int = NO_SNAPSHOT
 
     def to_bytes(self) -> bytes:
         """4-byte header length, a JSON header, then the raw state bytes."""
@@ -125,18 +153,34 @@ class Scorer:
     # -- the batch cycle ----------------------------------------------------------------
     @torch.no_grad()
     def process(self, events: list[Event], records: dict[str, UserRecord | None]):
-        """Returns (records to write, recommendations in event order, stats).
+        """The batch cycle without a cache: records with their states embedded in, the same
+        out. Returns (records to write, recommendations (dicts) in event order, stats).
 
         Events of one user are applied in their order; different users advance together.
         """
         started = time.perf_counter()
         stats = BatchStats(events=len(events))
         records = {u: (r if r is not None else UserRecord()) for u, r in records.items()}
-        rounds: list[list[Event]] = []          # round r = each user's r-th new event
+        for event in events:
+            records.setdefault(event.user_id, UserRecord())
+        rounds, touched = self.plan(events, records, stats)
+        states = self.load(touched, records, {}, stats)
+        ranked = self.advance(events, rounds, touched, records, states, stats)
+        for user in touched:
+            records[user].history = records[user].history[-self.history_len:]
+        if states is not None and touched:
+            for user, blob in zip(touched, states_to_bytes(states, self.state_dtype)):
+                records[user].state, records[user].snapshot_at = blob, NO_SNAPSHOT
+        stats.seconds = time.perf_counter() - started
+        return {u: records[u] for u in touched}, ranked.as_dicts(self.item_ids), stats
+
+    def plan(self, events: list[Event], records, stats) -> tuple[list[list[Event]], list[str]]:
+        """Rounds (round r = each user's r-th new event) and the users they touch; events
+        already applied (replays, duplicates) are counted and left out."""
+        rounds: list[list[Event]] = []
         depth: dict[str, int] = {}
         for event in events:
-            record = records.setdefault(event.user_id, UserRecord())
-            if self._already_applied(record, event):
+            if self._already_applied(records[event.user_id], event):
                 stats.duplicates += 1
                 continue
             r = depth.get(event.user_id, 0)
@@ -144,17 +188,7 @@ class Scorer:
             if r == len(rounds):
                 rounds.append([])
             rounds[r].append(event)
-        touched = list(depth)
-        states = self._load_states(touched, records, stats)
-        row_of = {user: row for row, user in enumerate(touched)}
-        recommendations = []
-        for round_events in rounds:
-            recommendations += self._advance(round_events, records, states, row_of, stats)
-        self._store_states(touched, records, states)
-        position = {id(e): i for i, e in enumerate(events)}
-        recommendations.sort(key=lambda rec: position[rec.pop("_event")])
-        stats.seconds = time.perf_counter() - started
-        return {u: records[u] for u in touched}, recommendations, stats
+        return rounds, list(depth)
 
     def _already_applied(self, record: UserRecord, event: Event) -> bool:
         if event.event_id and event.event_id == record.last_event_id:
@@ -164,29 +198,83 @@ class Scorer:
     def _same_offsets(self, record: UserRecord) -> bool:
         return not (record.offsets_of and self.offsets_of) or record.offsets_of == self.offsets_of
 
-    def _load_states(self, users: list[str], records, stats):
-        """One batched state, row i = users[i]: stored states unpacked in one call, the others
-        rebuilt from their history (new user or new model version)."""
+    def in_lineage(self, record: UserRecord) -> bool:
+        """The record's state was started by this version or one it keeps states of."""
+        return record.model_version in self.lineage or not self.rebuild_states
+
+    def load(self, users: list[str], records, snapshots: dict[str, bytes], stats):
+        """One batched state, row i = users[i], from what their records say:
+          - a state embedded in the record (`process`, and records of earlier versions);
+          - a snapshot (snapshots[user], or the initial state when snapshot_at is 0)
+            stepped over the items applied since, which the record's history holds;
+          - else (a new user, a state of another model version, a snapshot missing)
+            rebuilt from the history in one parallel prefill pass.
+        Records of rebuilt states get this version and NO_SNAPSHOT (a snapshot is due)."""
         if self.template is None:
             for user in users:
                 records[user].model_version = self.version
             return None
-        stored = [u for u in users if records[u].state and (
-            records[u].model_version in self.lineage or not self.rebuild_states)]
-        if len(stored) == len(users):
-            return states_from_bytes([records[u].state for u in users], self.template, self.device)
-        unpacked = states_from_bytes([records[u].state for u in stored], self.template, self.device)
-        kept = set(stored)
-        others = [u for u in users if u not in kept]
-        for user in others:
-            records[user].model_version = self.version
-        rebuilt = self._rebuild([records[u].history for u in others])
-        stats.rebuilt_states += sum(bool(records[u].history) for u in others)
-        # Row order = users: stored rows first, then the rebuilt ones, then permute.
-        position = {u: i for i, u in enumerate(stored + others)}
-        order = torch.tensor([position[u] for u in users], device=self.device)
-        return {k: torch.cat([unpacked[k], rebuilt[k]]).index_select(0, order)
-                for k in self.template}
+        blobs, fresh, rebuild, replay = {}, [], [], {}
+        for user in users:
+            record = records[user]
+            if record.state and self.in_lineage(record):
+                blobs[user] = record.state
+            elif record.snapshot_at >= 0 and self.in_lineage(record):
+                applied, blob = record.snapshot_at, None
+                if applied > 0:
+                    if user not in snapshots:
+                        rebuild.append(user)
+                        continue
+                    applied, blob = snapshot_from_bytes(snapshots[user])
+                pending = record.events_applied - applied
+                if not 0 <= pending <= len(record.history):
+                    rebuild.append(user)
+                    continue
+                record.snapshot_at = applied
+                if blob is None:
+                    fresh.append(user)
+                else:
+                    blobs[user] = blob
+                if pending:
+                    replay[user] = record.history[len(record.history) - pending:]
+            elif not record.history and record.events_applied == 0:
+                fresh.append(user)                  # a new user: nothing to rebuild
+                record.model_version, record.snapshot_at = self.version, 0
+            else:
+                rebuild.append(user)
+        for user in rebuild:
+            records[user].model_version, records[user].snapshot_at = self.version, NO_SNAPSHOT
+        stats.rebuilt_states += sum(bool(records[u].history) for u in rebuild)
+        parts, order = [], []
+        if blobs:
+            parts.append(states_from_bytes(list(blobs.values()), self.template, self.device))
+            order += list(blobs)
+        if fresh:
+            parts.append(self.model.init_state(len(fresh), device=self.device))
+            order += fresh
+        if rebuild:
+            parts.append(self._rebuild([records[u].history[-self.history_len:]
+                                        for u in rebuild]))
+            order += rebuild
+        position = {u: i for i, u in enumerate(order)}
+        index = torch.tensor([position[u] for u in users], device=self.device)
+        states = {k: torch.cat([p[k] for p in parts]).index_select(0, index)
+                  for k in self.template} if parts else self.model.init_state(0, self.device)
+        if replay:
+            self._replay(states, [users.index(u) for u in replay], list(replay.values()))
+        return states
+
+    def _replay(self, states, rows: list[int], items: list[list[str]]) -> None:
+        """Step rows of `states` over their items (the clicks applied since a snapshot)."""
+        for r in range(max(len(i) for i in items)):
+            active = [(row, seq[r]) for row, seq in zip(rows, items) if r < len(seq)]
+            index = torch.tensor([row for row, _ in active], device=self.device)
+            step_items = torch.tensor([self.item_index(raw) for _, raw in active],
+                                      device=self.device)
+            new_states, _ = self.model.step({k: v.index_select(0, index)
+                                             for k, v in states.items()}, step_items)
+            for k, v in new_states.items():
+                states[k].index_copy_(0, index, v)
 
     def _rebuild(self, histories: list[list[str]]):
         """States advanced over the stored histories (a new user, or a state made by another
@@ -203,21 +291,34 @@ class Scorer:
             state[key].index_copy_(0, index, value.to(state[key].dtype))
         return state
 
+    def advance(self, events: list[Event], rounds: list[list[Event]], users: list[str], records,
+                states, stats) -> "Ranked":
+        """Apply each round in turn (states: row i = users[i], updated in place) and rank
+        the items after every event. Records' histories grow by the new items; callers trim
+        them (the cache keeps more until a snapshot is in the table)."""
+        row_of = {user: row for row, user in enumerate(users)}
+        parts = [self._advance(round_events, records, states, row_of, stats)
+                 for round_events in rounds]
+        return Ranked.join(parts, self.version, events)
+
     def _advance(self, events: list[Event], records, states, row_of, stats):
         users = [e.user_id for e in events]
         items = torch.tensor([self.item_index(e.item_id) for e in events], device=self.device)
+        unknown = 0
         for event, index in zip(events, items.tolist()):
             record = records[event.user_id]
-            record.history = (record.history + [event.item_id])[-self.history_len:]
+            record.history.append(event.item_id)
             if not self._same_offsets(record):         # the first event of a new topic
                 record.last_offset = -1
-            record.last_offset = max(record.last_offset, event.offset)
+            if event.offset > record.last_offset:
+                record.last_offset = event.offset
             record.offsets_of = self.offsets_of or record.offsets_of
             record.last_event_id = event.event_id
             record.events_applied += 1
             if index == OOV:
                 record.unknown_items += 1
-                stats.unknown_items += 1
+                unknown += 1
+        stats.unknown_items += unknown
         stats.applied += len(events)
         if self.template is not None:
             rows = [row_of[u] for u in users]
@@ -231,17 +332,17 @@ class Scorer:
                 for k, v in new_states.items():
                     states[k].index_copy_(0, index, v)
         else:
-            user_repr = self._window_repr([records[u].history for u in users])
+            user_repr = self._window_repr([records[u].history[-self.history_len:]
+                                           for u in users])
         scores = mask_spare_rows(self.model.scores(user_repr), len(self.item_ids))
         if self.exclude_seen:
             for row, user in enumerate(users):
-                seen = [self.index[raw] for raw in records[user].history if raw in self.index]
+                seen = [self.index[raw] for raw in records[user].history[-self.history_len:]
+                        if raw in self.index]
                 scores[row, seen] = -torch.inf
         k = min(self.top_k, len(self.item_ids) - 1)
         top_scores, top_items = torch.topk(scores, k, dim=1)
-        produced_at = int(time.time() * 1000)
-        return [self._recommendation(e, top_items[row].tolist(), top_scores[row].tolist(),
-                                     produced_at) for row, e in enumerate(events)]
+        return events, top_items, top_scores
 
     def _window_repr(self, histories: list[list[str]]):
         """Window models (paper MLSA4Rec, SASRec): recompute over the last max_len items."""
@@ -258,20 +359,45 @@ class Scorer:
         lengths = torch.tensor([len(h) for h in histories], device=self.device)
         return items.to(self.device), lengths
 
-    def _recommendation(self, event: Event, items, scores, produced_at: int) -> dict:
-        return {
-            "_event": id(event),
-            "user_id": event.user_id,
-            "event_id": event.event_id,
-            "event_timestamp": event.timestamp_ms,
-            "items": [{"item_id": self.item_ids[i], "score": float(s), "rank": rank + 1}
-                      for rank, (i, s) in enumerate(zip(items, scores)) if s != -math.inf],
-            "model_version": self.version,
-            "produced_at": produced_at,
-        }
 
-    def _store_states(self, users: list[str], records, states):
-        if states is None or not users:
-            return
-        for user, blob in zip(users, states_to_bytes(states, self.state_dtype)):
-            records[user].state = blob
+@dataclass
+class Ranked:
+    """The top k after each applied event of a batch, in the batch's event order."""
+    events: list[Event]
+    items: torch.Tensor                 # (events, k) item indices
+    scores: torch.Tensor                # (events, k); -inf = fewer than k items to show
+    version: str
+    produced_at: int
+
+    @classmethod
+    def join(cls, parts, version: str, events_in_order: list[Event]) -> "Ranked":
+        """Rounds (each: events, top items, top scores) -> one, back in the batch's event
+        order (a user's r-th event is in round r, but recommendations go out as events came)."""
+        produced_at = int(time.time() * 1000)
+        if not parts:
+            empty = torch.zeros(0, 0)
+            return cls([], empty.long(), empty, version, produced_at)
+        events = [e for round_events, _, _ in parts for e in round_events]
+        items = torch.cat([p[1] for p in parts]).cpu()
+        scores = torch.cat([p[2] for p in parts]).float().cpu()
+        if len(parts) > 1:
+            position = {id(e): i for i, e in enumerate(events_in_order)}
+            order = sorted(range(len(events)), key=lambda i: position[id(events[i])])
+            index = torch.tensor(order)
+            events = [events[i] for i in order]
+            items, scores = items.index_select(0, index), scores.index_select(0, index)
+        return cls(events, items, scores, version, produced_at)
+
+    def as_dicts(self, item_ids: list[str]) -> list[dict]:
+        out = []
+        for event, items, scores in zip(self.events, self.items.tolist(), self.scores.tolist()):
+            out.append({
+                "user_id": event.user_id,
+                "event_id": event.event_id,
+                "event_timestamp": event.timestamp_ms,
+                "items": [{"item_id": item_ids[i], "score": float(s), "rank": rank + 1}
+                          for rank, (i, s) in enumerate(zip(items, scores)) if s != -math.inf],
+                "model_version": self.version,
+                "produced_at": self.produced_at,
+            })
+        return out

@@ -57,6 +57,23 @@ def user_state_table(app, partitions: int, cache_mb: int = 64, write_buffer_mb: 
                               "max_write_buffer_number": 2})
 
 
+class StateTable:
+    """The agent's view of the table: writes through Faust (RocksDB and the changelog, under
+    the partition of the event made current), reads straight from the partition's RocksDB
+    database, many keys in one multi-get (Faust reads one key per call, by the current
+    event). Reads come from the model thread: RocksDB is safe to read while the event loop
+    writes, and a partition's database is open from its recovery on."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def __setitem__(self, key: bytes, value: bytes) -> None:
+        self.table[key] = value
+
+    def read_many(self, partition: int, keys: list[bytes]) -> list[bytes | None]:
+        return self.table.data._db_for_partition(partition).get(keys)
+
+
 @contextlib.contextmanager
 def as_current(event):
     token = _current_event.set(weakref.ref(event))

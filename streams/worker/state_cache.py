@@ -1,0 +1,231 @@
+"""Hot users' records and step states, kept in memory and written back to the table in flushes.
+
+The `user-state` table (streams/worker/tables.py) is the durable copy; this cache is what the
+model thread reads and writes per click, as Kafka Streams' record cache sits in front of its
+state stores. A user's states live as one row of a preallocated pool (one tensor per state
+key, in the storage dtype), so a batch gathers its users' rows with one `index_select` per key
+and scatters them back with one `index_copy_`: no per-click unpack and pack of bytes.
+
+A flush (`StateCache.flush`) serialises every user changed since the last one, once however
+many clicks it covers: the record (a few hundred bytes: offsets, the last items), and the
+state snapshot only every `snapshot_every` clicks of that user. Between snapshots the record's
+history holds the items applied since, so the state is the snapshot stepped over them
+(`Scorer.load`). The agent writes a flush to the table before it lets Faust commit the offsets
+of the events it covers, so a crash replays from stored states.
+
+Bounds: `capacity` users (rows). Only clean users (in the table, or in a flush on its way
+there, which `unwritten` keeps readable) are evicted, least recently used first; the agent
+flushes when more than half of the rows are dirty, so a batch always finds room.
+
+Used from the model thread only, except `flush_written` (the event loop).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from model.state import states_to_bytes
+from streams.worker.scoring import (HISTORY_LEN, NO_SNAPSHOT, UserRecord, snapshot_key,
+                                    snapshot_to_bytes)
+
+
+@dataclass
+class Entry:
+    record: UserRecord              # header only: `state` is always b"" here
+    slot: int                       # row of the pool; -1 for models without a step state
+    partition: int                  # the table partition the user's record lives in
+    dirty: bool = False
+    # events_applied of the newest snapshot known to be in the table (or 0: the initial state,
+    # nothing stored); None = none is (a state rebuilt or read from an embedded record).
+    durable_at: int | None = None
+    written_snapshot: tuple[int, int] | None = None     # (snapshot_at, flush number) in flight
+
+
+@dataclass
+class Flush:
+    number: int
+    writes: list[tuple[int, bytes, bytes]] = field(default_factory=list)  # (partition, key, value)
+    users: int = 0
+    snapshots: int = 0
+
+    @property
+    def bytes(self) -> int:
+        return sum(len(key) + len(value) for _, key, value in self.writes)
+
+
+class StateCache:
+    def __init__(self, template: dict[str, torch.Tensor] | None, dtype, capacity: int,
+                 snapshot_every: int = 16, history_len: int = HISTORY_LEN):
+        if capacity < 2:
+            raise ValueError(f"state cache of {capacity} users: too small")
+        if not 1 <= snapshot_every <= history_len // 2:
+            # A crash between a flush's record and snapshot writes leaves the previous
+            # snapshot: the history must still reach back to it.
+            raise ValueError(f"snapshot_every must be in 1..{history_len // 2}, "
+                             f"not {snapshot_every}")
+        self.capacity, self.dtype = capacity, dtype
+        self.snapshot_every, self.history_len = snapshot_every, history_len
+        self.entries: OrderedDict[str, Entry] = OrderedDict()
+        self.dirty: set[str] = set()
+        self.flushes = 0                       # flushes made
+        self._written = 0                      # flushes the event loop has written
+        self._written_lock = threading.Lock()
+        self.unwritten: dict[bytes, tuple[bytes, int]] = {}   # key -> (value, flush number)
+        self.reset(template)
+
+    # -- the pool ------------------------------------------------------------------------
+    def reset(self, template) -> None:
+        """Empty, for states shaped like `template` (None: the model keeps no step state).
+        Dirty users must have been flushed first."""
+        self.template = template
+        self.pool = None if template is None else {
+            key: torch.zeros((self.capacity, *value.shape[1:]), dtype=self.dtype)
+            for key, value in template.items()}
+        self.entries.clear()
+        self.dirty.clear()
+        self.free = list(range(self.capacity - 1, -1, -1))
+
+    def fits(self, template) -> bool:
+        if (template is None) != (self.template is None):
+            return False
+        return template is None or (template.keys() == self.template.keys() and all(
+            template[k].shape[1:] == self.template[k].shape[1:] for k in template))
+
+    def gather(self, entries: list[Entry]) -> dict[str, torch.Tensor] | None:
+        """The batched fp32 state of these users, row i = entries[i]."""
+        if self.pool is None:
+            return None
+        index = torch.tensor([e.slot for e in entries], dtype=torch.long)
+        return {key: pool.index_select(0, index).float() for key, pool in self.pool.items()}
+
+    def scatter(self, entries: list[Entry], states) -> None:
+        if self.pool is None or not entries:
+            return
+        index = torch.tensor([e.slot for e in entries], dtype=torch.long)
+        for key, pool in self.pool.items():
+            pool.index_copy_(0, index, states[key].to(self.dtype))
+
+    # -- users ---------------------------------------------------------------------------
+    def __contains__(self, user: str) -> bool:
+        return user in self.entries
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def get(self, user: str) -> Entry | None:
+        entry = self.entries.get(user)
+        if entry is not None:
+            self.entries.move_to_end(user)
+        return entry
+
+    def add(self, user: str, record: UserRecord, partition: int, durable_at: int | None
+            ) -> Entry:
+        """A user read from the table (or new): a row for it, evicting a clean user if full."""
+        slot = -1
+        if self.pool is not None:
+            if not self.free:
+                self._evict_one()
+            slot = self.free.pop()
+        record.state = b""
+        entry = Entry(record, slot, partition, durable_at=durable_at)
+        self.entries[user] = entry
+        return entry
+
+    def _evict_one(self) -> None:
+        for user, entry in self.entries.items():       # least recently used first
+            if not entry.dirty:
+                del self.entries[user]
+                self.free.append(entry.slot)
+                return
+        raise RuntimeError("state cache: every user is dirty; flush before adding more")
+
+    def mark_dirty(self, user: str) -> None:
+        self.entries[user].dirty = True
+        self.dirty.add(user)
+
+    def needs_flush(self) -> bool:
+        """More than half the rows dirty: flush, so the next batch has room."""
+        return len(self.dirty) > self.capacity // 2
+
+    def drop_all(self) -> int:
+        """Forget every user (a rebalance: the table is the truth again). Returns how many
+        dirty users were dropped, which the agent's flush-before-revoke makes zero."""
+        lost = len(self.dirty)
+        self.reset(self.template)
+        return lost
+
+    # -- flushes -------------------------------------------------------------------------
+    def flush(self) -> Flush:
+        """Every dirty user's record, and the snapshots that are due, as table writes."""
+        self.forget_written()
+        self.flushes += 1
+        out = Flush(self.flushes)
+        users = [u for u in self.entries if u in self.dirty]      # LRU order: deterministic
+        due = [u for u in users if self._snapshot_due(self.entries[u])]
+        blobs = {}
+        if due and self.pool is not None:
+            rows = states_to_bytes(self.gather([self.entries[u] for u in due]), self.dtype)
+            blobs = dict(zip(due, rows))
+        for user in users:
+            entry = self.entries[user]
+            record = entry.record
+            if user in blobs:
+                record.snapshot_at = record.events_applied
+                entry.written_snapshot = (record.snapshot_at, out.number)
+            key = user.encode()
+            # The record first, then its snapshot: a crash between the two leaves the older
+            # snapshot, which the history still reaches back to (_history_to_keep).
+            record.history = record.history[-self._history_to_keep(entry):]
+            value = record.to_bytes()
+            out.writes.append((entry.partition, key, value))
+            if user in blobs:
+                value = snapshot_to_bytes(record.snapshot_at, blobs[user])
+                out.writes.append((entry.partition, snapshot_key(key), value))
+                out.snapshots += 1
+            entry.dirty = False
+        out.users = len(users)
+        self.dirty.clear()
+        for _, key, value in out.writes:
+            self.unwritten[key] = (value, out.number)
+        return out
+
+    def _snapshot_due(self, entry: Entry) -> bool:
+        record = entry.record
+        if self.pool is None:
+            return False
+        if record.snapshot_at == NO_SNAPSHOT:          # rebuilt, or from an embedded record
+            return True
+        return record.events_applied - record.snapshot_at >= self.snapshot_every
+
+    def _history_to_keep(self, entry: Entry) -> int:
+        """The last history_len items, or all since the newest snapshot known to be in the
+        table if that is more (a user that clicked more than that since)."""
+        written = self.written()
+        if entry.written_snapshot is not None and entry.written_snapshot[1] <= written:
+            entry.durable_at, entry.written_snapshot = entry.written_snapshot[0], None
+        if entry.durable_at is None or self.pool is None:
+            return self.history_len
+        return max(self.history_len, entry.record.events_applied - entry.durable_at)
+
+    def flush_written(self, number: int) -> None:
+        """The event loop has written flush `number` (and all before it) to the table."""
+        with self._written_lock:
+            self._written = max(self._written, number)
+
+    def written(self) -> int:
+        with self._written_lock:
+            return self._written
+
+    def forget_written(self) -> None:
+        """Drop what the table now holds from `unwritten` (once per batch)."""
+        written = self.written()
+        self.unwritten = {k: v for k, v in self.unwritten.items() if v[1] > written}
+
+    def read_unwritten(self, key: bytes) -> bytes | None:
+        """A value of a flush not yet in the table (its user may have been evicted since)."""
+        found = self.unwritten.get(key)
+        return None if found is None else found[0]

@@ -5,7 +5,8 @@ Three parts, so that the model and the event loop work at the same time:
                        `pending`; it pauses when that holds two batches, so Faust's own
                        buffers fill and the consumer stops fetching (back-pressure);
   dispatcher           when the model thread is free, hands it everything pending up to
-                       `batch_max`: under load batches fill while the model works, and
+                       `batch_max` (a full batch may also wait in line behind the one being
+                       scored): under load batches fill while the model works, and
                        `batch_wait_ms` only bounds how long a quiet stream waits;
   model thread         decodes (what does not decode goes to the dead letters), swaps in a
                        new model version if one is ready, reads the users it does not hold
@@ -44,7 +45,6 @@ from schemas.codec import DecodeError, RecommendationWriter
 from streams.shared.clicks import checked_click
 from streams.worker.scoring import BatchStats, Event, UserRecord, snapshot_key
 from streams.worker.state_cache import Flush, StateCache
-from streams.worker.tables import as_current
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,6 @@ class ScoringAgent:
         self.pending: deque = deque()           # message events taken, not yet in a batch
         self.first_pending_at = 0.0
         self.held: list = []                    # message events waiting for a flush
-        self.event_of_partition: dict[int, object] = {}   # a message event per table partition
         self.unscored = 0                       # batches handed to the model thread, not done
         self.wakeup = asyncio.Event()
         self.room = asyncio.Event()
@@ -151,6 +150,7 @@ class ScoringAgent:
     async def run(self, stream) -> None:
         if self.producer_factory is not None and self.producer is None:
             self.producer = self.producer_factory(asyncio.get_running_loop())
+            self.table.producer = self.producer
         self.jobs = asyncio.Queue(max(1, self.cfg.pipeline_depth))
         finisher = asyncio.ensure_future(self.finish_jobs(stream, self.jobs))
         reader = asyncio.ensure_future(self.read(stream))
@@ -197,6 +197,8 @@ class ScoringAgent:
         wait = self.cfg.batch_wait_ms / 1000
         while True:
             timeout = None
+            if self.unscored == 1 and len(self.pending) >= self.cfg.batch_max:
+                break           # a full batch waits in line: the model goes on without a gap
             if self.unscored == 0 and (self.pending or self.flush_requested):
                 age = time.monotonic() - self.first_pending_at
                 if (len(self.pending) >= self.cfg.batch_max or self.flush_requested
@@ -294,11 +296,9 @@ class ScoringAgent:
         await self.send(scored.recommendations)
         if job.message_events:
             self.crash_if("after_produce", job.number)
-        for message_event in job.message_events:
-            self.event_of_partition[message_event.message.partition] = message_event
         self.held += job.message_events
         if scored.flush is not None:
-            self.write(scored.flush)
+            await self.write(scored.flush)
             self.crash_if("after_state_write", job.number)
             held, self.held = self.held, []
             for message_event in held:
@@ -321,11 +321,9 @@ class ScoringAgent:
                       for key, value in recommendations]
         await asyncio.gather(*deliveries)
 
-    def write(self, flush: Flush) -> None:
-        """A flush into the table (RocksDB and, through Faust, its changelog)."""
-        for partition, key, value in flush.writes:
-            with as_current(self.event_of_partition[partition]):
-                self.table[key] = value
+    async def write(self, flush: Flush) -> None:
+        """A flush into the table (RocksDB and its changelog, acknowledged)."""
+        await self.table.write(flush.writes)
         self.cache.flush_written(flush.number)
         self.last_flush = time.monotonic()
         if self.metrics:

@@ -42,17 +42,24 @@ def producer_config(bootstrap: str, environ=None, **settings) -> dict:
 class _Batch:
     """Delivery bookkeeping of one send_batch call; its callbacks may run on several threads."""
 
-    __slots__ = ("loop", "future", "topic", "total", "pending", "failed", "error", "lock")
+    __slots__ = ("loop", "future", "topic", "total", "pending", "failed", "error", "lock",
+                 "offsets")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, topic: str, total: int):
+    def __init__(self, loop: asyncio.AbstractEventLoop, topic: str, total: int,
+                 offsets: dict | None = None):
         self.loop, self.topic, self.total = loop, topic, total
         self.future = loop.create_future()
         self.pending = total  # all of them, so that early acks cannot finish the batch early
         self.failed = 0
         self.error: KafkaError | None = None
         self.lock = threading.Lock()
+        self.offsets = offsets        # partition -> last offset acked, when asked for
 
-    def on_delivery(self, err, _msg) -> None:
+    def on_delivery(self, err, msg) -> None:
+        if self.offsets is not None and err is None:
+            with self.lock:
+                partition = msg.partition()
+                self.offsets[partition] = max(self.offsets.get(partition, -1), msg.offset())
         self._count(1, err)
 
     def abandon(self, unsent: int, err: KafkaError) -> None:
@@ -77,7 +84,7 @@ class _Batch:
         if self.future.done():  # cancelled by its waiter
             return
         if self.error is None:
-            self.future.set_result(self.total)
+            self.future.set_result(self.total if self.offsets is None else self.offsets)
         else:
             self.future.set_exception(
                 DeliveryError(self.error, self.topic, self.failed, self.total))
@@ -125,17 +132,28 @@ class AsyncProducer:
         """Produce (key, value) pairs in order; the future resolves to their number once the
         broker has acknowledged all of them, or fails with DeliveryError (a KafkaException)
         naming the first error. Blocks only while librdkafka's queue is full."""
+        return self._send(topic, [(key, value, -1) for key, value in items], None)
+
+    def send_to_partitions(self, topic: str, items: Sequence[tuple[int, bytes, bytes]]
+                           ) -> asyncio.Future:
+        """Produce (partition, key, value) triples in order, each to its partition; the future
+        resolves to {partition: offset of its last message} once all are acknowledged."""
+        return self._send(topic, [(key, value, partition) for partition, key, value in items],
+                          {})
+
+    def _send(self, topic: str, items, offsets: dict | None) -> asyncio.Future:
         if self._closed:
             raise RuntimeError("AsyncProducer is closed")
-        batch = _Batch(self._loop, topic, len(items))
+        batch = _Batch(self._loop, topic, len(items), offsets)
         if not items:
-            batch.future.set_result(0)
+            batch.future.set_result(0 if offsets is None else offsets)
             return batch.future
         produce, on_delivery = self._producer.produce, batch.on_delivery
-        for sent, (key, value) in enumerate(items):
+        for sent, (key, value, partition) in enumerate(items):
             while True:
                 try:
-                    produce(topic, value=value, key=key, on_delivery=on_delivery)
+                    produce(topic, value=value, key=key, partition=partition,
+                            on_delivery=on_delivery)
                     break
                 except BufferError:
                     # Queue full: wait for acks to make room, then retry this same message,

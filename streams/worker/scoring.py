@@ -214,6 +214,8 @@ class Scorer:
             for user in users:
                 records[user].model_version = self.version
             return None
+        if not users:
+            return {k: v[:0].clone() for k, v in self.template.items()}
         blobs, fresh, rebuild, replay = {}, [], [], {}
         for user in users:
             record = records[user]
@@ -249,19 +251,24 @@ class Scorer:
         if blobs:
             parts.append(states_from_bytes(list(blobs.values()), self.template, self.device))
             order += list(blobs)
-        if fresh:
-            parts.append(self.model.init_state(len(fresh), device=self.device))
+        if fresh:       # copies of the initial state: cheaper than building n of them
+            parts.append({k: v.expand(len(fresh), *v.shape[1:])
+                          for k, v in self.template.items()})
             order += fresh
         if rebuild:
             parts.append(self._rebuild([records[u].history[-self.history_len:]
                                         for u in rebuild]))
             order += rebuild
-        position = {u: i for i, u in enumerate(order)}
-        index = torch.tensor([position[u] for u in users], device=self.device)
-        states = {k: torch.cat([p[k] for p in parts]).index_select(0, index)
-                  for k in self.template} if parts else self.model.init_state(0, self.device)
+        if order == users and len(parts) == 1:
+            states = {k: v.clone() for k, v in parts[0].items()}   # never the template itself
+        else:
+            position = {u: i for i, u in enumerate(order)}
+            index = torch.tensor([position[u] for u in users], device=self.device)
+            states = {k: torch.cat([p[k] for p in parts]).index_select(0, index)
+                      for k in self.template}
         if replay:
-            self._replay(states, [users.index(u) for u in replay], list(replay.values()))
+            row = {u: i for i, u in enumerate(users)}
+            self._replay(states, [row[u] for u in replay], list(replay.values()))
         return states
 
     def _replay(self, states, rows: list[int], items: list[list[str]]) -> None:

@@ -1,20 +1,15 @@
-"""The per-user state table, and per-event access to it from a batch.
+"""The per-user state table: Faust's RocksDB store without a write-ahead log, and the agent's
+batched view of it (`StateTable`).
 
-Faust picks a table partition (its RocksDB database and changelog partition) from the
-*current event*. Inside `stream.take_events` the current event is not the one whose user we
-touch, so every read and write goes through `as_current(event)`, which sets it as Faust does
-for a single event.
-"""
+Faust owns the table's lifecycle: which partitions' databases are open on this worker, and
+their recovery from the changelog topic after a restart or a rebalance."""
 
 from __future__ import annotations
 
-import contextlib
-import weakref
-
 import rocksdict
+from faust.types import TP
 from faust.stores import STORES
 from faust.stores.rocksdb import Store as RocksDBStore
-from faust.streams import _current_event
 
 STATE_TABLE = "user-state"
 # The path names the table's databases (<datadir>/v1/tables/user-state-<partition>.db, as
@@ -58,26 +53,44 @@ def user_state_table(app, partitions: int, cache_mb: int = 64, write_buffer_mb: 
 
 
 class StateTable:
-    """The agent's view of the table: writes through Faust (RocksDB and the changelog, under
-    the partition of the event made current), reads straight from the partition's RocksDB
-    database, many keys in one multi-get (Faust reads one key per call, by the current
-    event). Reads come from the model thread: RocksDB is safe to read while the event loop
-    writes, and a partition's database is open from its recovery on."""
+    """The agent's view of the `user-state` table: a flush's records go into each partition's
+    RocksDB database in one write batch and to the table's changelog topic through the
+    worker's confluent-kafka producer; reads come straight from the databases, many keys in
+    one multi-get.
 
-    def __init__(self, table):
-        self.table = table
+    Why not Faust's table API: each `table[key] = value` sends its changelog record through
+    Faust's buffer and aiokafka, one Python round-trip per record, and Faust's conductor stops
+    delivering events until that buffer is below 100 records: a flush of a few thousand
+    users stalled the stream for ~1.5 s (docs/RESULTS.md, section 4). The records are the
+    ones Faust would write (same topic, partition, raw key and value), so its recovery reads
+    them as its own; the changelog offset each database holds (where a restart resumes
+    reading) is set once the broker has acknowledged them, as Faust does.
 
-    def __setitem__(self, key: bytes, value: bytes) -> None:
-        self.table[key] = value
+    Reads come from the model thread: RocksDB is safe to read while the event loop writes, and
+    a partition's database is open from its recovery on."""
+
+    def __init__(self, table, producer=None):
+        self.table, self.producer = table, producer
+
+    @property
+    def store(self):
+        return self.table.data
 
     def read_many(self, partition: int, keys: list[bytes]) -> list[bytes | None]:
-        return self.table.data._db_for_partition(partition).get(keys)
+        return self.store._db_for_partition(partition).get(keys)
 
-
-@contextlib.contextmanager
-def as_current(event):
-    token = _current_event.set(weakref.ref(event))
-    try:
-        yield
-    finally:
-        _current_event.reset(token)
+    async def write(self, writes: list[tuple[int, bytes, bytes]]) -> None:
+        """(partition, key, value) into the databases and the changelog; returns once the
+        broker has acknowledged the changelog records."""
+        batches: dict[int, rocksdict.WriteBatch] = {}
+        for partition, key, value in writes:
+            batch = batches.get(partition)
+            if batch is None:
+                batch = batches[partition] = rocksdict.WriteBatch(raw_mode=True)
+            batch.put(key, value)
+        for partition, batch in batches.items():
+            self.store._db_for_partition(partition).write(batch)
+        topic = self.table.changelog_topic.get_topic_name()
+        offsets = await self.producer.send_to_partitions(topic, writes)
+        for partition, offset in offsets.items():
+            self.store.set_persisted_offset(TP(topic, partition), offset)

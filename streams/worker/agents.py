@@ -76,6 +76,7 @@ class Job:
     number: int = 0                         # batches started before this one
     flush: bool = False                     # asked to flush (rebalance, timer, stop)
     done: asyncio.Future | None = field(default=None)   # set when finished (flush_now)
+    sent: asyncio.Future | None = None      # its recommendations acknowledged
 
 
 FAULT_POINTS = ("after_consume", "after_score", "after_produce", "after_state_write", "after_ack")
@@ -232,14 +233,22 @@ class ScoringAgent:
         self.unscored += 1
         scored = asyncio.get_running_loop().run_in_executor(
             self.executor, self.score, batch, number, flush)
-        scored.add_done_callback(self._scored)
         job = Job(batch, scored, number, flush, asyncio.get_running_loop().create_future())
+        scored.add_done_callback(lambda _: self._scored(job))
         await self.jobs.put(job)
         return job
 
-    def _scored(self, _future) -> None:
+    def _scored(self, job: Job) -> None:
+        """The model thread is done with `job`: its recommendations go out now, not when the
+        batches before it have finished (a flush ahead of them waits for the broker); only
+        their acks are awaited in order (finish)."""
         self.unscored -= 1
         self.wakeup.set()
+        if job.scored.cancelled() or job.scored.exception() is not None:
+            return
+        if job.message_events:
+            self.crash_if("after_score", job.number)
+        job.sent = asyncio.ensure_future(self.send(job.scored.result().recommendations))
 
     def request_flush(self) -> None:
         """Flush with the next batch, or alone if none comes (any loop callback)."""
@@ -289,11 +298,11 @@ class ScoringAgent:
 
     async def finish(self, stream, job: Job) -> None:
         scored = await job.scored
-        if job.message_events:
-            self.crash_if("after_score", job.number)
         for message_event, reason in scored.dead_letters:
             await self.dead_letter(message_event, reason)
-        await self.send(scored.recommendations)
+        if job.sent is None:        # (_scored runs first: it was registered first)
+            job.sent = asyncio.ensure_future(self.send(scored.recommendations))
+        await job.sent
         if job.message_events:
             self.crash_if("after_produce", job.number)
         self.held += job.message_events
@@ -423,7 +432,7 @@ class ScoringAgent:
             for user in stale:
                 # Rebuilt from the history, as a record read from the table would be.
                 records[user].snapshot_at = -1
-            loaded = scorer.load(to_load, records, snapshots, stats)
+            loaded = scorer.load(to_load, records, snapshots, stats, writable=False)
             new_entries = []
             for user in to_load:
                 if user in entries:

@@ -202,14 +202,17 @@ class Scorer:
         """The record's state was started by this version or one it keeps states of."""
         return record.model_version in self.lineage or not self.rebuild_states
 
-    def load(self, users: list[str], records, snapshots: dict[str, bytes], stats):
+    def load(self, users: list[str], records, snapshots: dict[str, bytes], stats,
+             writable: bool = True):
         """One batched state, row i = users[i], from what their records say:
           - a state embedded in the record (`process`, and records of earlier versions);
           - a snapshot (snapshots[user], or the initial state when snapshot_at is 0)
             stepped over the items applied since, which the record's history holds;
           - else (a new user, a state of another model version, a snapshot missing)
             rebuilt from the history in one parallel prefill pass.
-        Records of rebuilt states get this version and NO_SNAPSHOT (a snapshot is due)."""
+        Records of rebuilt states get this version and NO_SNAPSHOT (a snapshot is due).
+        writable=False: the caller only copies the rows out (the state cache), so new users'
+        rows may be views of the initial state instead of copies."""
         if self.template is None:
             for user in users:
                 records[user].model_version = self.version
@@ -260,7 +263,8 @@ class Scorer:
                                         for u in rebuild]))
             order += rebuild
         if order == users and len(parts) == 1:
-            states = {k: v.clone() for k, v in parts[0].items()}   # never the template itself
+            # Never the template itself where the caller steps on it (step works in place).
+            states = {k: v.clone() if writable or replay else v for k, v in parts[0].items()}
         else:
             position = {u: i for i, u in enumerate(order)}
             index = torch.tensor([position[u] for u in users], device=self.device)

@@ -20,6 +20,10 @@ returns int epoch millis by default (timestamps="millis"), because the rest of
 the system does arithmetic on them; timestamps="datetime" keeps what fastavro
 returns for timestamp-millis: a tz-aware UTC datetime.
 
+Interaction bodies whose writer schema has the current layout are read by a
+hand-written reader (see "fast Interaction reader" below) instead of fastavro; the
+result, and every error, is the one the fastavro path gives.
+
 Every bad payload raises DecodeError (a ValueError) with a short,
 human-readable reason; the streaming worker puts that reason in a header of
 the dead-letter message, so keep messages short and free of payload dumps.
@@ -28,6 +32,7 @@ the dead-letter message, so keep messages short and free of payload dumps.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import io
 import json
 import operator
@@ -311,6 +316,11 @@ class AvroCodec:
         self._ts_fields = [f["name"] for f in self._fields
                            if isinstance(f["type"], dict) and f["type"].get("logicalType") == "timestamp-millis"]
         self._id: int | None = None  # resolved lazily so building a codec needs no registry call
+        # The hand-written body reader (see _read_interaction_body) stands in for fastavro
+        # when both this reader schema and a message's writer schema have its layout.
+        self._fast_body = (_read_interaction_body
+                           if timestamps == "millis" and _has_interaction_layout(self.schema) else None)
+        self._fast_writers: dict[int, tuple[Any, bool]] = {}  # schema id -> (writer schema, layout matches)
 
     @property
     def schema_id(self) -> int:
@@ -373,6 +383,15 @@ class AvroCodec:
             raise DecodeError(f"truncated header: {len(data)} bytes, need {_HEADER.size}")
         _, sid = _HEADER.unpack_from(data)
         writer = self.schemas.schema_for(sid)  # raises DecodeError for an unknown id
+        if self._fast_body is not None:
+            seen = self._fast_writers.get(sid)
+            if seen is None or seen[0] is not writer:  # first sight, or the source now has another schema
+                seen = self._fast_writers[sid] = (writer, _has_interaction_layout(writer))
+            if seen[1]:
+                record = self._fast_body(data, _HEADER.size)
+                if record is not None:
+                    return record
+                # Not a plain well-formed body: fastavro below decides (and words the error).
         buf = io.BytesIO(data)
         buf.seek(_HEADER.size)
         try:
@@ -421,11 +440,13 @@ _default: dict[str, AvroCodec] = {}
 
 
 def _pinned_codec(name: str) -> AvroCodec:
-    with _default_lock:
-        codec = _default.get(name)
-        if codec is None:
-            codec = _default[name] = AvroCodec(name, PinnedSchemas())
-        return codec
+    codec = _default.get(name)  # every decode_* call comes here: take the lock only to build one
+    if codec is None:
+        with _default_lock:
+            codec = _default.get(name)
+            if codec is None:
+                codec = _default[name] = AvroCodec(name, PinnedSchemas())
+    return codec
 
 
 def encode_interaction(record: Mapping[str, Any]) -> bytes:
@@ -444,6 +465,170 @@ def encode_recommendation(record: Mapping[str, Any]) -> bytes:
 def decode_recommendation(data: bytes) -> dict:
     """Timestamps come back as int epoch millis."""
     return _pinned_codec("recommendation").decode(data)
+
+
+# --------------------------------------------------------------------------
+# fast Interaction reader (no fastavro, no datetimes)
+#
+# Clicks are decoded one by one (checked_click in the worker and the trainer), and
+# fastavro plus the datetime round trip of `_to_millis` cost most of that.
+# `_read_interaction_body` reads the Interaction body by hand.  AvroCodec.decode uses it only when both its reader
+# schema and the message's writer schema have the layout below (same Parsing Canonical
+# Form AND the same logical types, which the form leaves out but fastavro acts on), and
+# only for bodies it can vouch for: anything odd (truncated, corrupt, trailing bytes, or
+# one of the encodings fastavro accepts in its own way, see _long_at) makes it answer
+# None and fastavro decides, so the outcome is always the one fastavro gives.
+
+_EVENT_TYPES = ("CLICK", "VIEW", "PURCHASE", "ADD_TO_CART", "RATE", "UNKNOWN")
+
+# What _read_interaction_body reads. interaction.avsc must keep this layout for the fast
+# path to apply (tests/test_click_reader.py checks it does); evolving the schema means
+# updating both, or the codec silently falls back to fastavro for every message.
+_INTERACTION_LAYOUT = {
+    "type": "record", "name": "Interaction", "namespace": "mlsa4rec",
+    "fields": [
+        {"name": "event_id", "type": "string"},
+        {"name": "user_id", "type": "string"},
+        {"name": "item_id", "type": "string"},
+        {"name": "event_type", "type": {"type": "enum", "name": "EventType", "symbols": list(_EVENT_TYPES)}},
+        {"name": "timestamp", "type": {"type": "long", "logicalType": "timestamp-millis"}},
+        {"name": "properties", "type": ["null", {"type": "map", "values": "string"}]},
+    ],
+}
+
+# fastavro turns timestamp-millis into a datetime, so it refuses values outside datetime's
+# years 1..9999; the fast reader leaves those to it.
+_MIN_MS = (_dt.datetime.min.replace(tzinfo=_dt.timezone.utc) - _EPOCH) // _ONE_MS
+_MAX_MS = (_dt.datetime.max.replace(tzinfo=_dt.timezone.utc) - _EPOCH) // _ONE_MS
+
+
+def _logical_types(schema: Any) -> list[tuple[tuple, str]]:
+    """(path, logicalType) of every logical type annotation in `schema`, in schema order."""
+    found: list[tuple[tuple, str]] = []
+
+    def walk(node: Any, path: tuple) -> None:
+        if isinstance(node, list):
+            for i, branch in enumerate(node):
+                walk(branch, path + (i,))
+        elif isinstance(node, dict):
+            if "logicalType" in node:
+                found.append((path, str(node["logicalType"])))
+            if isinstance(node.get("type"), (dict, list)):
+                walk(node["type"], path + ("type",))
+            for field in node.get("fields") or ():
+                walk(field.get("type"), path + ("fields", field.get("name")))
+            for key in ("items", "values"):
+                if key in node:
+                    walk(node[key], path + (key,))
+
+    walk(_raw(schema), ())
+    return found
+
+
+@functools.lru_cache(maxsize=None)
+def _interaction_layout_key() -> tuple[str, list]:
+    return _fingerprint(_parse(_INTERACTION_LAYOUT)), _logical_types(_INTERACTION_LAYOUT)
+
+
+def _has_interaction_layout(schema: Any) -> bool:
+    """True when `schema` reads and writes exactly like _INTERACTION_LAYOUT."""
+    try:
+        return (_fingerprint(schema), _logical_types(schema)) == _interaction_layout_key()
+    except Exception:  # not a schema fastavro can put in canonical form: not ours to read
+        return False
+
+
+class _NotPlain(Exception):
+    """Raised inside the fast reader for a body it leaves to fastavro."""
+
+
+def _long_at(data: bytes, pos: int) -> tuple[int, int]:
+    """The Avro long (zigzag varint) at data[pos] -> (value, position after it).
+
+    IndexError when the bytes run out mid-varint. _NotPlain for a varint longer than
+    10 bytes or with bits past the 64th: fastavro does not refuse those, it wraps them
+    (its shift count overflows), and reproducing that is left to fastavro itself.
+    """
+    b = data[pos]
+    pos += 1
+    if b < 0x80:  # one byte: lengths, enum indices, counts
+        return (b >> 1) ^ -(b & 1), pos
+    n = b & 0x7F
+    shift = 7
+    while True:
+        b = data[pos]
+        pos += 1
+        n |= (b & 0x7F) << shift
+        if b < 0x80:
+            break
+        shift += 7
+        if shift > 63:
+            raise _NotPlain
+    if n >> 64:
+        raise _NotPlain
+    return (n >> 1) ^ -(n & 1), pos
+
+
+def _string_at(data: bytes, pos: int) -> tuple[str, int]:
+    """The Avro string at data[pos] -> (text, position after it); strict UTF-8 like fastavro."""
+    b = data[pos]
+    if b < 0x80 and not b & 1:  # a length 0..63 in one byte
+        size = b >> 1
+        pos += 1
+    else:
+        size, pos = _long_at(data, pos)
+        if size < 0:
+            raise _NotPlain
+    end = pos + size
+    if end > len(data):
+        raise _NotPlain
+    return data[pos:end].decode(), end  # UnicodeDecodeError for invalid UTF-8
+
+
+def _map_at(data: bytes, pos: int) -> tuple[dict, int]:
+    """An Avro map<string> at data[pos]; blocks may have negative counts (then a byte size)."""
+    out: dict[str, str] = {}
+    while True:
+        count, pos = _long_at(data, pos)
+        if count == 0:
+            return out, pos
+        if count < 0:
+            if count == _INT64_MIN:  # fastavro's negation of it overflows
+                raise _NotPlain
+            count = -count
+            _, pos = _long_at(data, pos)  # byte size of the block; fastavro reads and ignores it
+        for _ in range(count):  # every entry takes >= 2 bytes, so a huge count soon runs out
+            key, pos = _string_at(data, pos)
+            out[key], pos = _string_at(data, pos)  # a repeated key keeps its last value
+
+
+def _read_interaction_body(data: bytes, pos: int) -> dict | None:
+    """The Interaction whose body starts at data[pos], as AvroCodec.decode returns it
+    (timestamp in int epoch millis), or None when fastavro should decide instead."""
+    try:
+        event_id, pos = _string_at(data, pos)
+        user_id, pos = _string_at(data, pos)
+        item_id, pos = _string_at(data, pos)
+        index, pos = _long_at(data, pos)
+        if not 0 <= index < len(_EVENT_TYPES):  # fastavro indexes the symbols Python-style: -1 is UNKNOWN
+            return None
+        timestamp, pos = _long_at(data, pos)
+        if not _MIN_MS <= timestamp <= _MAX_MS:
+            return None
+        branch = data[pos]
+        pos += 1
+        if branch == 0:  # union branch 0: null
+            properties = None
+        elif branch == 2:  # union branch 1: the map
+            properties, pos = _map_at(data, pos)
+        else:  # other branches, negative ones, or 0/1 in more than one byte
+            return None
+    except (IndexError, UnicodeDecodeError, _NotPlain):
+        return None
+    if pos != len(data):
+        return None
+    return {"event_id": event_id, "user_id": user_id, "item_id": item_id,
+            "event_type": _EVENT_TYPES[index], "timestamp": timestamp, "properties": properties}
 
 
 # --------------------------------------------------------------------------

@@ -37,6 +37,7 @@ class DemoConfig:
     out: str = "runs/demo"
     threads: int = 1                  # torch threads per process (worker, trainer)
     batch_max: int = 64
+    trainer_nice: int = 10            # the trainer's niceness: the worker comes first
 
 
 def offline_prequential(checkpoint: Path, events) -> dict | None:
@@ -100,10 +101,12 @@ def run_demo(cfg: DemoConfig) -> dict:
                                  "--batch-max", str(cfg.batch_max), "--log-level", "warning"],
                                 out / "worker.log", env))
         if cfg.fine_tune:
+            # The trainer's rounds are minutes of full-core work on a small machine; niced, they
+            # take what the worker leaves, and recommendations keep their latency.
             processes.append(_start(["trainer", *common, "--checkpoint", str(checkpoint),
                                      "--buffer-dir", str(out / f"buffer-{run_id}"),
                                      "--round-every-s", str(cfg.round_every_s)],
-                                    out / "trainer.log", env))
+                                    out / "trainer.log", env, nice=cfg.trainer_nice))
         try:
             print(f"== 3. replaying {len(replayed.rows)} events of {cfg.dataset} from the cut-off",
                   flush=True)
@@ -147,6 +150,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     return {"summary": summary, "offline": offline, "report": str(page)}
 
 
-def _start(args: list[str], log: Path, env: dict) -> subprocess.Popen:
+def _start(args: list[str], log: Path, env: dict, nice: int = 0) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "cli", *args], cwd=REPO, env=env,
-                            stdout=open(log, "wb"), stderr=subprocess.STDOUT)
+                            stdout=open(log, "wb"), stderr=subprocess.STDOUT,
+                            preexec_fn=(lambda: os.nice(nice)) if nice else None)

@@ -14,9 +14,11 @@ class StreamConfig:
     dead_letter_topic: str = "interactions-dlq"
     partitions: int = 4                 # of interactions, its dead letters and the state table
     replication: int = 1
-    batch_max: int = 64                 # events per model batch (stream.take_events max)
-    batch_wait_ms: int = 20             # ... or whatever came within this wait
-    pipeline_depth: int = 2             # batches scored ahead of the one being written
+    # A batch goes to the model when the model is free: what arrived meanwhile, up to
+    # batch_max (under load batches fill while the model works) ...
+    batch_max: int = 256
+    batch_wait_ms: int = 5              # ... and a quiet stream waits at most this for more
+    pipeline_depth: int = 2             # batches scored ahead of the one being finished
     top_k: int = 10
     exclude_seen: bool = False
     producer_batch_bytes: int = 1_048_576   # per partition batch of the worker's producer

@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 
 # take_events hands over what arrived within this long: small, so that an event waits in
 # Faust's buffer at most this before the dispatcher sees it.
-READ_WITHIN_S = 0.002
+READ_WITHIN_S = 0.005
 
 
 def to_event(message_event) -> Event:

@@ -84,7 +84,13 @@ class Mamba4Rec(SequentialRecommender):
 
     @torch.no_grad()
     def step(self, state, item_ids):
-        x = self._embed(item_ids)
+        return self.step_vectors(state, self.embed_items(item_ids))
+
+    @torch.no_grad()
+    def step_vectors(self, state, vectors):
+        """`step` after the item lookup, which alone depends on the data (unknown items):
+        the rest is one fixed graph of tensor ops, so it can be traced (model/traced.py)."""
+        x = self.emb_norm(self.emb_dropout(vectors))
         for i, layer in enumerate(self.layers):
             x = layer.step(x, state[f"layer{i}.conv"], state[f"layer{i}.ssm"])
         return state, x

@@ -151,7 +151,13 @@ class MLSA4RecS(MLSA4Rec):
     @torch.no_grad()
     def step(self, state: dict, item_ids: torch.Tensor):
         """Advance each row of `state` by one item; returns (state, user_repr (batch, hidden))."""
-        x0 = self._embed(item_ids)
+        return self.step_vectors(state, self.embed_items(item_ids))
+
+    @torch.no_grad()
+    def step_vectors(self, state: dict, vectors: torch.Tensor):
+        """`step` after the item lookup, which alone depends on the data (unknown items):
+        the rest is one fixed graph of tensor ops, so it can be traced (model/traced.py)."""
+        x0 = self.emb_norm(self.emb_dropout(vectors))
         y = self.interaction.step(x0, state, "interaction")
         for i, layer in enumerate(self.mamba_layers):
             y = layer.step(y, state[f"mamba{i}.conv"], state[f"mamba{i}.ssm"])

@@ -31,6 +31,9 @@ class StreamConfig:
     rebuild_states: bool = True         # rebuild a user's state made by an older version...
     keep_states_for_versions: int = 5   # ...unless by one of its last N ancestors (fine-tunes)
     device: str = "auto"
+    # On CPU, run the model's step as one traced graph: the model thread takes the GIL once per
+    # batch instead of once per tensor op (docs/RESULTS.md, section 4); false = eager.
+    trace_step: bool = True
     # torch CPU threads for the model; 0 = torch default (all cores). One: the event loop, the
     # producer and (here) the broker need cores too, and scale-out is more workers; measured
     # faster than the default on 2 cores (docs/RESULTS.md, section 4).

@@ -61,7 +61,8 @@ def build_scorer(cfg: StreamConfig) -> Scorer:
                   top_k=cfg.top_k, exclude_seen=cfg.exclude_seen,
                   state_dtype=STATE_DTYPES[cfg.state_dtype], rebuild_states=cfg.rebuild_states,
                   keep_states_for_versions=cfg.keep_states_for_versions,
-                  offsets_of=topic_id(cfg.broker, cfg.interactions_topic))
+                  offsets_of=topic_id(cfg.broker, cfg.interactions_topic),
+                  trace_step=cfg.trace_step)
 
 
 def create_app(cfg: StreamConfig, scorer: Scorer, metrics: WorkerMetrics | None = None):

@@ -26,6 +26,7 @@ import torch
 
 from model.models.base import OOV
 from model.state import states_from_bytes, states_to_bytes
+from model.traced import traced_step
 from model.vocab import mask_spare_rows
 
 HISTORY_LEN = 50
@@ -109,12 +110,16 @@ class Scorer:
     def __init__(self, model, item_ids: list[str], version: str, device="cpu", top_k: int = 10,
                  exclude_seen: bool = False, state_dtype=torch.float32,
                  history_len: int = HISTORY_LEN, rebuild_states: bool = True,
-                 keep_states_for_versions: int = 0, offsets_of: str = ""):
+                 keep_states_for_versions: int = 0, offsets_of: str = "",
+                 trace_step: bool = False):
         """offsets_of: identity of the topic the events' offsets count in (the worker passes
         the Kafka topic id of `interactions`): a record whose offsets count in another topic,
         one deleted and created again under the same name, does not judge these events by
         offset ("" = unknown: offsets are trusted)."""
         self.offsets_of = offsets_of
+        # On CPU the step runs as one traced graph (model/traced.py): the GIL once per batch,
+        # not once per tensor op, which the worker's event loop thread would otherwise hold up.
+        self.trace_step = trace_step and torch.device(device).type == "cpu"
         self.model = model.to(device).eval()
         self.item_ids = list(item_ids)
         self.index = {raw: i for i, raw in enumerate(self.item_ids) if i > 0}
@@ -124,6 +129,7 @@ class Scorer:
         self.rebuild_states = rebuild_states
         self.keep_states_for_versions = keep_states_for_versions
         self.template = model.init_state(1, device=self.device) if model.steppable else None
+        self.traced = traced_step(self.model, self.device) if self.trace_step else None
         # Versions whose states this one keeps: itself (0) and its recent ancestors (1, 2, ...).
         self.lineage = {version: 0}
 
@@ -146,6 +152,7 @@ class Scorer:
         self.index = {raw: i for i, raw in enumerate(self.item_ids) if i > 0}
         self.version = version
         self.template = model.init_state(1, device=self.device) if model.steppable else None
+        self.traced = traced_step(self.model, self.device) if self.trace_step else None
 
     def item_index(self, raw: str) -> int:
         return self.index.get(raw, OOV)
@@ -334,18 +341,18 @@ class Scorer:
         if self.template is not None:
             rows = [row_of[u] for u in users]
             if rows == list(range(len(row_of))):     # every user in order: the usual batch
-                new_states, user_repr = self.model.step(states, items)
+                new_states, scores = self._step(states, items)
                 states.update(new_states)
             else:
                 index = torch.tensor(rows, device=self.device)
-                new_states, user_repr = self.model.step(
+                new_states, scores = self._step(
                     {k: v.index_select(0, index) for k, v in states.items()}, items)
                 for k, v in new_states.items():
                     states[k].index_copy_(0, index, v)
         else:
-            user_repr = self._window_repr([records[u].history[-self.history_len:]
-                                           for u in users])
-        scores = mask_spare_rows(self.model.scores(user_repr), len(self.item_ids))
+            scores = self.model.scores(self._window_repr(
+                [records[u].history[-self.history_len:] for u in users]))
+        scores = mask_spare_rows(scores, len(self.item_ids))
         if self.exclude_seen:
             for row, user in enumerate(users):
                 seen = [self.index[raw] for raw in records[user].history[-self.history_len:]
@@ -354,6 +361,13 @@ class Scorer:
         k = min(self.top_k, len(self.item_ids) - 1)
         top_scores, top_items = torch.topk(scores, k, dim=1)
         return events, top_items, top_scores
+
+    def _step(self, states, items):
+        """(advanced states, scores of every item row)."""
+        if self.traced is not None:
+            return self.traced(states, items)
+        new_states, user_repr = self.model.step(states, items)
+        return new_states, self.model.scores(user_repr)
 
     def _window_repr(self, histories: list[list[str]]):
         """Window models (paper MLSA4Rec, SASRec): recompute over the last max_len items."""

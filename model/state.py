@@ -26,13 +26,18 @@ def state_to_bytes(state: dict[str, torch.Tensor], row: int, dtype=torch.float32
 
 def states_to_bytes(state: dict[str, torch.Tensor], dtype=torch.float32) -> list[bytes]:
     """Every row of a batched state, one conversion for the whole batch."""
+    rows = next(iter(state.values())).shape[0]
+    return rows_to_bytes(torch.cat([state[k].reshape(rows, -1) for k in sorted(state)], dim=1),
+                         dtype)
+
+
+def rows_to_bytes(flat: torch.Tensor, dtype=torch.float32) -> list[bytes]:
+    """Rows already laid out as one (rows, state_size) block, keys in sorted order."""
     if dtype not in _TAGS:
         raise ValueError(f"unsupported storage dtype {dtype}")
-    rows = next(iter(state.values())).shape[0]
-    flat = torch.cat([state[k].reshape(rows, -1) for k in sorted(state)], dim=1)
     flat = flat.to(dtype).cpu().numpy()
     tag = bytes([_TAGS[dtype]])
-    return [tag + flat[i].tobytes() for i in range(rows)]
+    return [tag + flat[i].tobytes() for i in range(flat.shape[0])]
 
 
 def states_from_bytes(blobs: list[bytes], template: dict[str, torch.Tensor], device=None):

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model.state import states_to_bytes
+from model.state import rows_to_bytes
 from streams.worker.scoring import (HISTORY_LEN, NO_SNAPSHOT, UserRecord, snapshot_key,
                                     snapshot_to_bytes)
 
@@ -82,9 +82,13 @@ class StateCache:
         """Empty, for states shaped like `template` (None: the model keeps no step state).
         Dirty users must have been flushed first."""
         self.template = template
-        self.pool = None if template is None else {
-            key: torch.zeros((self.capacity, *value.shape[1:]), dtype=self.dtype)
-            for key, value in template.items()}
+        # One (users, state floats) block, keys side by side in sorted order (model/state.py's
+        # layout): a batch's rows are one index_select, a user's snapshot one row's bytes.
+        self.layout = [] if template is None else [
+            (key, value.shape[1:], value[0].numel()) for key, value in sorted(template.items())]
+        size = sum(n for _, _, n in self.layout)
+        self.pool = None if template is None else torch.zeros((self.capacity, size),
+                                                              dtype=self.dtype)
         self.entries.clear()
         self.dirty.clear()
         self.free = list(range(self.capacity - 1, -1, -1))
@@ -95,19 +99,24 @@ class StateCache:
         return template is None or (template.keys() == self.template.keys() and all(
             template[k].shape[1:] == self.template[k].shape[1:] for k in template))
 
-    def gather(self, entries: list[Entry]) -> dict[str, torch.Tensor] | None:
-        """The batched fp32 state of these users, row i = entries[i]."""
+    def gather(self, entries: list[Entry]) -> "Rows | None":
+        """The batched fp32 state of these users, row i = entries[i]: views into one block."""
         if self.pool is None:
             return None
         index = torch.tensor([e.slot for e in entries], dtype=torch.long)
-        return {key: pool.index_select(0, index).float() for key, pool in self.pool.items()}
+        flat = self.pool.index_select(0, index).float()
+        return Rows(flat, self.layout)
 
     def scatter(self, entries: list[Entry], states) -> None:
         if self.pool is None or not entries:
             return
         index = torch.tensor([e.slot for e in entries], dtype=torch.long)
-        for key, pool in self.pool.items():
-            pool.index_copy_(0, index, states[key].to(self.dtype))
+        if isinstance(states, Rows):
+            flat = states.block()
+        else:
+            flat = torch.cat([states[key].reshape(len(entries), -1)
+                              for key, _, _ in self.layout], dim=1)
+        self.pool.index_copy_(0, index, flat.to(self.dtype))
 
     # -- users ---------------------------------------------------------------------------
     def __contains__(self, user: str) -> bool:
@@ -168,8 +177,8 @@ class StateCache:
         due = [u for u in users if self._snapshot_due(self.entries[u])]
         blobs = {}
         if due and self.pool is not None:
-            rows = states_to_bytes(self.gather([self.entries[u] for u in due]), self.dtype)
-            blobs = dict(zip(due, rows))
+            index = torch.tensor([self.entries[u].slot for u in due], dtype=torch.long)
+            blobs = dict(zip(due, rows_to_bytes(self.pool.index_select(0, index), self.dtype)))
         for user in users:
             entry = self.entries[user]
             record = entry.record
@@ -229,3 +238,23 @@ class StateCache:
         """A value of a flush not yet in the table (its user may have been evicted since)."""
         found = self.unwritten.get(key)
         return None if found is None else found[0]
+
+
+class Rows(dict):
+    """A batch's states as views into one (users, state floats) block (`StateCache.gather`).
+    Steps write into the views in place; a key the step replaced by a new tensor is copied
+    back by `block()`."""
+
+    def __init__(self, flat: torch.Tensor, layout):
+        self.flat, self.views = flat, {}
+        offset = 0
+        for key, shape, n in layout:
+            self.views[key] = flat[:, offset:offset + n].view(flat.shape[0], *shape)
+            offset += n
+        super().__init__(self.views)
+
+    def block(self) -> torch.Tensor:
+        for key, view in self.views.items():
+            if self[key] is not view:
+                view.copy_(self[key])
+        return self.flat

@@ -20,7 +20,7 @@ import json
 import math
 import struct
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 
 import torch
 
@@ -79,8 +79,7 @@ class UserRecord:
 
     def to_bytes(self) -> bytes:
         """4-byte header length, a JSON header, then the raw state bytes."""
-        header = asdict(self)
-        del header["state"]
+        header = {name: getattr(self, name) for name in _HEADER_FIELDS}   # asdict: 5x slower
         head = json.dumps(header, separators=(",", ":")).encode()
         return struct.pack(">I", len(head)) + head + self.state
 
@@ -92,6 +91,9 @@ class UserRecord:
         header = json.loads(data[4:4 + n])
         known = {f.name for f in fields(cls)} - {"state"}
         return cls(state=bytes(data[4 + n:]), **{k: v for k, v in header.items() if k in known})
+
+
+_HEADER_FIELDS = tuple(f.name for f in fields(UserRecord) if f.name != "state")
 
 
 @dataclass

@@ -32,7 +32,7 @@ class StreamConfig:
     keep_states_for_versions: int = 5   # ...unless by one of its last N ancestors (fine-tunes)
     device: str = "auto"
     # On CPU, run the model's step as one traced graph: the model thread takes the GIL once per
-    # batch instead of once per tensor op (docs/RESULTS.md, section 4); false = eager.
+    # batch instead of once per tensor op (docs/RESULTS.md, section 4c); false = eager.
     trace_step: bool = True
     # torch CPU threads for the model; 0 = torch default (all cores). One: the event loop, the
     # producer and (here) the broker need cores too, and scale-out is more workers; measured

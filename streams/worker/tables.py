@@ -25,8 +25,8 @@ class ChangelogBackedStore(RocksDBStore):
     writes not yet flushed from the memtable, and with them the changelog offset stored beside
     them: the database comes back as it was at its last flush, and Faust's recovery reads the
     changelog from that offset on, restoring the rest (tests/test_stream_e2e.py: SIGKILL, then a
-    restart on the same folder). Each state write is ~33-66 KB, written a second time to the log:
-    dropping it measured +12% events/s (docs/RESULTS.md, section 4). A clean stop flushes.
+    restart on the same folder). A state snapshot is 33-66 KB, which the log would write a second
+    time (dropping it measured +12% events/s when every click wrote one). A clean stop flushes.
     """
 
     def _open_for_partition(self, partition: int):
@@ -61,7 +61,7 @@ class StateTable:
     Why not Faust's table API: each `table[key] = value` sends its changelog record through
     Faust's buffer and aiokafka, one Python round-trip per record, and Faust's conductor stops
     delivering events until that buffer is below 100 records: a flush of a few thousand
-    users stalled the stream for ~1.5 s (docs/RESULTS.md, section 4). The records are the
+    users stalled the stream for ~1.5 s (docs/RESULTS.md, section 4c). The records are the
     ones Faust would write (same topic, partition, raw key and value), so its recovery reads
     them as its own; the changelog offset each database holds (where a restart resumes
     reading) is set once the broker has acknowledged them, as Faust does.

@@ -344,12 +344,15 @@ class ScoringAgent:
     # -- the model thread ----------------------------------------------------------------
     def serve_next(self, model, item_ids: list[str], version: str,
                    parent: str | None = None) -> None:
-        """Swap to this model before the next batch (any thread); a newer call wins."""
+        """Swap to this model before the next batch (any thread); a newer call wins. Its step
+        is traced here, in the caller's thread (the model watcher's): tracing takes a second or
+        more on a busy machine, which the model thread would spend not scoring."""
+        traced = self.scorer.trace_for(model)
         with self._next_model_lock:
             skipped = self._next_model
             if skipped is not None and parent == skipped[2]:
                 parent = skipped[3]       # its parent never served: the lineage goes through
-            self._next_model = (model, item_ids, version, parent)
+            self._next_model = (model, item_ids, version, parent, traced)
 
     def score(self, batch: list, number: int, flush: bool = False) -> Scored:
         """The model thread's part of batch `number`."""

@@ -135,7 +135,12 @@ class Scorer:
         # Versions whose states this one keeps: itself (0) and its recent ancestors (1, 2, ...).
         self.lineage = {version: 0}
 
-    def swap(self, model, item_ids: list[str], version: str, parent: str | None = None) -> None:
+    def trace_for(self, model):
+        """The traced step this scorer would use for `model` (None: eager)."""
+        return traced_step(model.to(self.device).eval(), self.device) if self.trace_step else None
+
+    def swap(self, model, item_ids: list[str], version: str, parent: str | None = None,
+             traced=False) -> None:
         """Serve another model version from the next batch on.
 
         A state started by the new version's parent, or by one of its ancestors up to
@@ -154,7 +159,8 @@ class Scorer:
         self.index = {raw: i for i, raw in enumerate(self.item_ids) if i > 0}
         self.version = version
         self.template = model.init_state(1, device=self.device) if model.steppable else None
-        self.traced = traced_step(self.model, self.device) if self.trace_step else None
+        # traced: from trace_for(model) (False: trace here)
+        self.traced = self.trace_for(self.model) if traced is False else traced
 
     def item_index(self, raw: str) -> int:
         return self.index.get(raw, OOV)

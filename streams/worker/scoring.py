@@ -351,6 +351,12 @@ class Scorer:
             if rows == list(range(len(row_of))):     # every user in order: the usual batch
                 new_states, scores = self._step(states, items)
                 states.update(new_states)
+            elif hasattr(states, "select"):     # the state cache's block (Rows)
+                index = torch.tensor(rows, device=self.device)
+                sub = states.select(index)
+                new_states, scores = self._step(sub, items)
+                sub.update(new_states)
+                states.put(index, sub)
             else:
                 index = torch.tensor(rows, device=self.device)
                 new_states, scores = self._step(

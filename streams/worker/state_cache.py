@@ -246,7 +246,7 @@ class Rows(dict):
     back by `block()`."""
 
     def __init__(self, flat: torch.Tensor, layout):
-        self.flat, self.views = flat, {}
+        self.flat, self.layout, self.views = flat, layout, {}
         offset = 0
         for key, shape, n in layout:
             self.views[key] = flat[:, offset:offset + n].view(flat.shape[0], *shape)
@@ -257,4 +257,13 @@ class Rows(dict):
         for key, view in self.views.items():
             if self[key] is not view:
                 view.copy_(self[key])
+                self[key] = view            # the block is the one copy from now on
         return self.flat
+
+    # A round of a batch steps only the users with an event in it: two copies of one block
+    # instead of two per state key (a user with many clicks in a batch makes many rounds).
+    def select(self, index: torch.Tensor) -> "Rows":
+        return Rows(self.block().index_select(0, index), self.layout)
+
+    def put(self, index: torch.Tensor, rows: "Rows") -> None:
+        self.block().index_copy_(0, index, rows.block())

@@ -310,8 +310,12 @@ class ScoringAgent:
             await self.write(scored.flush)
             self.crash_if("after_state_write", job.number)
             held, self.held = self.held, []
-            for message_event in held:
+            for i, message_event in enumerate(held):
                 await stream.ack(message_event)
+                if i % 256 == 255:
+                    # A flush acks thousands of clicks (~10 us each, Faust's bookkeeping): let
+                    # the batches scored meanwhile send their recommendations in between.
+                    await asyncio.sleep(0)
             self.crash_if("after_ack", job.number)
         for name in ("events", "applied", "duplicates", "unknown_items"):
             self.counts[name] += getattr(scored.stats, name)

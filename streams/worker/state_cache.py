@@ -33,6 +33,9 @@ from streams.worker.scoring import (HISTORY_LEN, NO_SNAPSHOT, UserRecord, snapsh
                                     snapshot_to_bytes)
 
 
+MAX_HISTORY_KEPT = 1024
+
+
 @dataclass
 class Entry:
     record: UserRecord              # header only: `state` is always b"" here
@@ -218,7 +221,11 @@ class StateCache:
             entry.durable_at, entry.written_snapshot = entry.written_snapshot[0], None
         if entry.durable_at is None or self.pool is None:
             return self.history_len
-        return max(self.history_len, entry.record.events_applied - entry.durable_at)
+        since = entry.record.events_applied - entry.durable_at
+        # Bounded: a user clicking thousands of times per flush (a bot) keeps a record of at
+        # most ~10 KB; should a crash then fall between its record and its snapshot, its state
+        # is rebuilt from the items kept instead of replayed exactly.
+        return max(self.history_len, min(since, MAX_HISTORY_KEPT))
 
     def flush_written(self, number: int) -> None:
         """The event loop has written flush `number` (and all before it) to the table."""

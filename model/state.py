@@ -75,6 +75,12 @@ def _values(blobs: list[bytes], size: int) -> np.ndarray:
     return out
 
 
+def blob_fits(blob: bytes, template: dict[str, torch.Tensor]) -> bool:
+    """A state blob of a known dtype with the template's number of values."""
+    tag = blob[0] if blob else None
+    return tag in _DTYPES and len(blob) == 1 + state_size(template) * _itemsize(tag)
+
+
 def _np_dtype(tag: int):
     return np.float32 if _DTYPES[tag] is torch.float32 else np.float16
 

@@ -211,3 +211,57 @@ def test_versions_announced_between_two_batches_keep_the_lineage():
     agent.serve_next(small_model(), ITEM_IDS, "v3", parent="v2")
     agent.score([], 0)
     assert scorer.version == "v3" and scorer.lineage == {"v3": 0, "v1": 1}
+
+
+def test_a_swap_to_another_state_shape_flushes_the_swap_batchs_users_too():
+    """The clicks of the batch that swaps are acked with that batch's flush: their users'
+    records must be in it, not left dirty in the new cache."""
+    model, table = small_model(), DictTable()
+    agent = make_agent(model, table)
+    events = clicks(n_users=3, per_user=4)
+    agent.score(events[:6], 0)
+    torch.manual_seed(1)
+    from model.models import build_model
+    other = build_model("mlsa4rec-s", N_ITEMS, {"hidden": 16, "max_len": 20}).eval()
+    agent.serve_next(other, ITEM_IDS, "v2")
+    scored = agent.score(events[6:9], 1)
+    assert scored.flush is not None and not agent.cache.dirty
+    written = {key for _, key, _ in scored.flush.writes}
+    assert {b"u0", b"u1", b"u2"} <= written
+
+
+def test_a_user_with_a_snapshot_every_flush_keeps_a_bounded_history():
+    model, table = small_model(), DictTable()
+    agent = make_agent(model, table, snapshot_every=4)
+    events = clicks(n_users=1, per_user=200)
+    for start in range(0, 200, 20):                     # 20 clicks a flush, written at once
+        scored = agent.score(events[start:start + 20], start, flush=True)
+        write(agent, table, scored.flush)
+    record = UserRecord.from_bytes(table.data[0][b"u0"])
+    assert record.events_applied == 200 and len(record.history) <= 50 + 20
+
+
+def test_a_snapshot_of_another_lineage_under_the_key_is_rebuilt_not_replayed():
+    """A crash between a rebuilt user's record and its new snapshot leaves the old lineage's
+    snapshot under the key: the state is rebuilt from the history, not the old one stepped."""
+    from streams.worker.scoring import BatchStats, snapshot_to_bytes
+    from model.state import states_to_bytes
+    model = small_model()
+    scorer = Scorer(model, ITEM_IDS, "v2")
+    old_state = states_to_bytes(model.init_state(1))[0]
+    record = UserRecord(model_version="v2", snapshot_at=4, events_applied=6,
+                        history=["item1", "item2", "item3", "item4", "item5", "item6"])
+    stats = BatchStats()
+    scorer.load(["u"], {"u": record}, {"u": snapshot_to_bytes(4, "v-old", old_state)}, stats)
+    assert stats.rebuilt_states == 1
+    stats = BatchStats()
+    record.snapshot_at = 4
+    scorer.load(["u"], {"u": record}, {"u": snapshot_to_bytes(4, "v2", old_state)}, stats)
+    assert stats.rebuilt_states == 0                    # its own lineage: replayed
+
+
+def test_a_window_models_cache_is_bounded_too():
+    cache = StateCache(None, torch.float32, capacity=4)
+    for u in range(10):
+        cache.add(f"u{u}", UserRecord(), 0, None)
+    assert len(cache) == 4

@@ -141,6 +141,7 @@ class ScoringAgent:
         self.room = asyncio.Event()
         self.flush_requested = False
         self.rebalancing = False
+        self.stopping = False                   # after flush_now: every batch flushes
         self.drop_cache = False                 # model thread: empty the cache first
         self.last_flush = time.monotonic()      # written (event loop)
         self.flush_made_at = time.monotonic()   # made (model thread)
@@ -216,7 +217,7 @@ class ScoringAgent:
         if self.pending:
             self.first_pending_at = time.monotonic()
         self.room.set()
-        flush = self.flush_requested or self.rebalancing
+        flush = self.flush_requested or self.rebalancing or self.stopping
         self.flush_requested = False
         return batch, flush
 
@@ -267,6 +268,7 @@ class ScoringAgent:
         stop: the next start replays nothing)."""
         if self.jobs is None:
             return
+        self.stopping = True        # clicks still pending get flushed with their batches too
         async with self.submit_lock:
             job = await self.submit([], flush=True)
         await job.done
@@ -383,10 +385,14 @@ class ScoringAgent:
             raise RuntimeError(f"injected fault: an exception in scoring batch {number}")
         stats = BatchStats(events=len(events))
         recommendations = self._score_events(events, last_of_user, stats) if events else []
-        out = swap_flush        # users changed in this batch go with the next flush then
-        if out is None and (flush or self.cache.needs_flush() or (
-                time.monotonic() - self.flush_made_at >= self.cfg.flush_every_s)):
+        out = None
+        if swap_flush is not None or flush or self.cache.needs_flush() or (
+                time.monotonic() - self.flush_made_at >= self.cfg.flush_every_s):
             out = self.cache.flush()
+            if swap_flush is not None:      # the old states first, then this batch's users
+                out.writes = swap_flush.writes + out.writes
+                out.users += swap_flush.users
+                out.snapshots += swap_flush.snapshots
         if out is not None:
             self.flush_made_at = time.monotonic()
         stats.seconds = time.perf_counter() - started
@@ -410,7 +416,7 @@ class ScoringAgent:
         if self.cache.fits(self.scorer.template):
             return None
         flushed = self.cache.flush()
-        self.cache.reset(self.scorer.template)
+        self.cache.reset(self.scorer.template, cache_rows(self.cfg.state_cache_mb, self.scorer))
         return flushed
 
     @torch.no_grad()
@@ -437,8 +443,10 @@ class ScoringAgent:
                                                               if u in touched_set]
         if to_load:
             for user in stale:
-                # Rebuilt from the history, as a record read from the table would be.
+                # Rebuilt from the history, as a record read from the table would be; its old
+                # snapshot is no base for anything any more.
                 records[user].snapshot_at = -1
+                entries[user].durable_at = entries[user].written_snapshot = None
             loaded = scorer.load(to_load, records, snapshots, stats, writable=False)
             new_entries = []
             for user in to_load:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from model.models.base import OOV
-from model.state import states_from_bytes, states_to_bytes
+from model.state import blob_fits, states_from_bytes, states_to_bytes
 from model.traced import traced_step
 from model.vocab import mask_spare_rows
 
@@ -34,23 +34,29 @@ HISTORY_LEN = 50
 # no user id's key can end in it: the snapshot key cannot be another user's record key.
 SNAPSHOT_SUFFIX = b"\xff"
 NO_SNAPSHOT = -1
-_SNAPSHOT_HEAD = struct.Struct(">Q")
+_SNAPSHOT_HEAD = struct.Struct(">QH")
 
 
 def snapshot_key(user_key: bytes) -> bytes:
     return user_key + SNAPSHOT_SUFFIX
 
 
-def snapshot_to_bytes(applied: int, state_blob: bytes) -> bytes:
-    """A snapshot: the number of events it covers, then the state bytes (model/state.py)."""
-    return _SNAPSHOT_HEAD.pack(applied) + state_blob
+def snapshot_to_bytes(applied: int, version: str, state_blob: bytes) -> bytes:
+    """A snapshot: the number of events it covers, the model version that started the state,
+    then the state bytes (model/state.py)."""
+    head = version.encode()
+    return _SNAPSHOT_HEAD.pack(applied, len(head)) + head + state_blob
 
 
-def snapshot_from_bytes(data: bytes) -> tuple[int, bytes]:
+def snapshot_from_bytes(data: bytes) -> tuple[int, str, bytes]:
+    """(events covered, model version, state bytes); ValueError if it does not parse."""
     if len(data) < _SNAPSHOT_HEAD.size:
         raise ValueError(f"state snapshot of {len(data)} bytes: too short")
-    (applied,) = _SNAPSHOT_HEAD.unpack_from(data)
-    return applied, bytes(data[_SNAPSHOT_HEAD.size:])
+    applied, n = _SNAPSHOT_HEAD.unpack_from(data)
+    start = _SNAPSHOT_HEAD.size
+    if len(data) < start + n:
+        raise ValueError(f"state snapshot of {len(data)} bytes: truncated version")
+    return applied, bytes(data[start:start + n]).decode(), bytes(data[start + n:])
 
 
 @dataclass
@@ -245,7 +251,13 @@ class Scorer:
                     if user not in snapshots:
                         rebuild.append(user)
                         continue
-                    applied, blob = snapshot_from_bytes(snapshots[user])
+                    applied, started_by, blob = snapshot_from_bytes(snapshots[user])
+                    # A crash between a record and its snapshot can leave a snapshot of an
+                    # older lineage, or of another architecture, under the key.
+                    if (started_by not in self.lineage and self.rebuild_states) or \
+                            not blob_fits(blob, self.template):
+                        rebuild.append(user)
+                        continue
                 pending = record.events_applied - applied
                 if not 0 <= pending <= len(record.history):
                     rebuild.append(user)

@@ -81,10 +81,11 @@ class StateCache:
         self.reset(template)
 
     # -- the pool ------------------------------------------------------------------------
-    def reset(self, template) -> None:
-        """Empty, for states shaped like `template` (None: the model keeps no step state).
-        Dirty users must have been flushed first."""
+    def reset(self, template, capacity: int | None = None) -> None:
+        """Empty, for states shaped like `template` (None: the model keeps no step state),
+        `capacity` users (default: as before). Dirty users must have been flushed first."""
         self.template = template
+        self.capacity = capacity or self.capacity
         # One (users, state floats) block, keys side by side in sorted order (model/state.py's
         # layout): a batch's rows are one index_select, a user's snapshot one row's bytes.
         self.layout = [] if template is None else [
@@ -138,9 +139,9 @@ class StateCache:
             ) -> Entry:
         """A user read from the table (or new): a row for it, evicting a clean user if full."""
         slot = -1
+        if len(self.entries) >= self.capacity:
+            self._evict_one()
         if self.pool is not None:
-            if not self.free:
-                self._evict_one()
             slot = self.free.pop()
         record.state = b""
         entry = Entry(record, slot, partition, durable_at=durable_at)
@@ -151,7 +152,8 @@ class StateCache:
         for user, entry in self.entries.items():       # least recently used first
             if not entry.dirty:
                 del self.entries[user]
-                self.free.append(entry.slot)
+                if entry.slot >= 0:
+                    self.free.append(entry.slot)
                 return
         raise RuntimeError("state cache: every user is dirty; flush before adding more")
 
@@ -182,9 +184,12 @@ class StateCache:
         if due and self.pool is not None:
             index = torch.tensor([self.entries[u].slot for u in due], dtype=torch.long)
             blobs = dict(zip(due, rows_to_bytes(self.pool.index_select(0, index), self.dtype)))
+        written = self.written()
         for user in users:
             entry = self.entries[user]
             record = entry.record
+            if entry.written_snapshot is not None and entry.written_snapshot[1] <= written:
+                entry.durable_at, entry.written_snapshot = entry.written_snapshot[0], None
             if user in blobs:
                 record.snapshot_at = record.events_applied
                 entry.written_snapshot = (record.snapshot_at, out.number)
@@ -195,7 +200,7 @@ class StateCache:
             value = record.to_bytes()
             out.writes.append((entry.partition, key, value))
             if user in blobs:
-                value = snapshot_to_bytes(record.snapshot_at, blobs[user])
+                value = snapshot_to_bytes(record.snapshot_at, record.model_version, blobs[user])
                 out.writes.append((entry.partition, snapshot_key(key), value))
                 out.snapshots += 1
             entry.dirty = False
@@ -216,9 +221,6 @@ class StateCache:
     def _history_to_keep(self, entry: Entry) -> int:
         """The last history_len items, or all since the newest snapshot known to be in the
         table if that is more (a user that clicked more than that since)."""
-        written = self.written()
-        if entry.written_snapshot is not None and entry.written_snapshot[1] <= written:
-            entry.durable_at, entry.written_snapshot = entry.written_snapshot[0], None
         if entry.durable_at is None or self.pool is None:
             return self.history_len
         since = entry.record.events_applied - entry.durable_at

@@ -82,6 +82,11 @@ class StateTable:
     async def write(self, writes: list[tuple[int, bytes, bytes]]) -> None:
         """(partition, key, value) into the databases and the changelog; returns once the
         broker has acknowledged the changelog records."""
+        # The changelog first: a local database ahead of its changelog would keep records a
+        # restart's recovery never re-sends (the clicks replayed after a failed send are then
+        # skipped as applied). Until written, the agent reads these from its cache's flush.
+        topic = self.table.changelog_topic.get_topic_name()
+        offsets = await self.producer.send_to_partitions(topic, writes)
         batches: dict[int, rocksdict.WriteBatch] = {}
         for partition, key, value in writes:
             batch = batches.get(partition)
@@ -90,7 +95,5 @@ class StateTable:
             batch.put(key, value)
         for partition, batch in batches.items():
             self.store._db_for_partition(partition).write(batch)
-        topic = self.table.changelog_topic.get_topic_name()
-        offsets = await self.producer.send_to_partitions(topic, writes)
         for partition, offset in offsets.items():
             self.store.set_persisted_offset(TP(topic, partition), offset)

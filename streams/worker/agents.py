@@ -36,14 +36,14 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from model.state import state_size
 from schemas.codec import DecodeError, RecommendationWriter
 from streams.shared.clicks import checked_click
-from streams.worker.scoring import BatchStats, Event, UserRecord, snapshot_key
+from streams.worker.scoring import NO_SNAPSHOT, BatchStats, Event, UserRecord, snapshot_key
 from streams.worker.state_cache import Flush, StateCache
 
 log = logging.getLogger(__name__)
@@ -74,8 +74,7 @@ class Job:
     message_events: list                    # every event of the batch, acked after a flush
     scored: asyncio.Future                  # -> Scored
     number: int = 0                         # batches started before this one
-    flush: bool = False                     # asked to flush (rebalance, timer, stop)
-    done: asyncio.Future | None = field(default=None)   # set when finished (flush_now)
+    done: asyncio.Future | None = None      # set when finished (flush_now)
     sent: asyncio.Future | None = None      # its recommendations acknowledged
 
 
@@ -143,8 +142,7 @@ class ScoringAgent:
         self.rebalancing = False
         self.stopping = False                   # after flush_now: every batch flushes
         self.drop_cache = False                 # model thread: empty the cache first
-        self.last_flush = time.monotonic()      # written (event loop)
-        self.flush_made_at = time.monotonic()   # made (model thread)
+        self.flush_made_at = time.monotonic()   # the last flush made (model thread)
         self.submit_lock = asyncio.Lock()
         self.jobs: asyncio.Queue | None = None
 
@@ -234,7 +232,7 @@ class ScoringAgent:
         self.unscored += 1
         scored = asyncio.get_running_loop().run_in_executor(
             self.executor, self.score, batch, number, flush)
-        job = Job(batch, scored, number, flush, asyncio.get_running_loop().create_future())
+        job = Job(batch, scored, number, asyncio.get_running_loop().create_future())
         scored.add_done_callback(lambda _: self._scored(job))
         await self.jobs.put(job)
         return job
@@ -260,7 +258,7 @@ class ScoringAgent:
         """On a quiet stream, write back and commit anyway every flush_every_s."""
         while True:
             await asyncio.sleep(self.cfg.flush_every_s / 2)
-            if self.held and time.monotonic() - self.last_flush >= self.cfg.flush_every_s:
+            if self.held and time.monotonic() - self.flush_made_at >= self.cfg.flush_every_s:
                 self.request_flush()
 
     async def flush_now(self) -> None:
@@ -302,9 +300,7 @@ class ScoringAgent:
         scored = await job.scored
         for message_event, reason in scored.dead_letters:
             await self.dead_letter(message_event, reason)
-        if job.sent is None:        # (_scored runs first: it was registered first)
-            job.sent = asyncio.ensure_future(self.send(scored.recommendations))
-        await job.sent
+        await job.sent              # set by _scored, registered before this await
         if job.message_events:
             self.crash_if("after_produce", job.number)
         self.held += job.message_events
@@ -340,7 +336,6 @@ class ScoringAgent:
         """A flush into the table (RocksDB and its changelog, acknowledged)."""
         await self.table.write(flush.writes)
         self.cache.flush_written(flush.number)
-        self.last_flush = time.monotonic()
         if self.metrics:
             self.metrics.flushes.inc()
             self.metrics.flushed_bytes.inc(flush.bytes)
@@ -445,7 +440,7 @@ class ScoringAgent:
             for user in stale:
                 # Rebuilt from the history, as a record read from the table would be; its old
                 # snapshot is no base for anything any more.
-                records[user].snapshot_at = -1
+                records[user].snapshot_at = NO_SNAPSHOT
                 entries[user].durable_at = entries[user].written_snapshot = None
             loaded = scorer.load(to_load, records, snapshots, stats, writable=False)
             new_entries = []
@@ -456,6 +451,7 @@ class ScoringAgent:
                 durable = records[user].snapshot_at if records[user].snapshot_at >= 0 else None
                 entries[user] = cache.add(user, records[user], last_of_user[user].partition,
                                           durable)
+                cache.mark_dirty(user)
                 new_entries.append(entries[user])
             cache.scatter(new_entries, loaded)
         if self.metrics:
@@ -465,8 +461,6 @@ class ScoringAgent:
         states = cache.gather(touched_entries)
         ranked = scorer.advance(events, rounds, touched, records, states, stats)
         cache.scatter(touched_entries, states)
-        for user in touched:
-            cache.mark_dirty(user)
         values = self.writer.encode_batch(
             [e.user_id for e in ranked.events], [e.event_id for e in ranked.events],
             [e.timestamp_ms for e in ranked.events], ranked.items.numpy(), ranked.scores.numpy(),
@@ -483,19 +477,20 @@ class ScoringAgent:
         for user in users:
             by_partition.setdefault(last_of_user[user].partition, []).append(user)
         for partition, part_users in by_partition.items():
-            keys = [u.encode() for u in part_users]
-            heads = self.table.read_many(partition, keys)
-            for user, key, head in zip(part_users, keys, heads):
-                head = self.cache.read_unwritten(key) or head
+            heads = self._read_keys(partition, [u.encode() for u in part_users])
+            for user, head in zip(part_users, heads):
                 records[user] = UserRecord.from_bytes(head) if head is not None else UserRecord()
             wanted = [u for u in part_users if records[u].snapshot_at > 0]
-            if wanted:
-                keys = [snapshot_key(u.encode()) for u in wanted]
-                for user, key, blob in zip(wanted, keys, self.table.read_many(partition, keys)):
-                    blob = self.cache.read_unwritten(key) or blob
-                    if blob is not None:
-                        snapshots[user] = blob
+            blobs = self._read_keys(partition, [snapshot_key(u.encode()) for u in wanted])
+            snapshots.update((u, blob) for u, blob in zip(wanted, blobs) if blob is not None)
         return snapshots
+
+    def _read_keys(self, partition: int, keys: list[bytes]) -> list[bytes | None]:
+        """The table's values, or a flush's that is not in the table yet."""
+        if not keys:
+            return []
+        return [self.cache.read_unwritten(key) or value
+                for key, value in zip(keys, self.table.read_many(partition, keys))]
 
     # -- reporting -----------------------------------------------------------------------
     def observe(self, job: Job, scored: Scored) -> None:

@@ -78,6 +78,7 @@ class StateCache:
         self._written = 0                      # flushes the event loop has written
         self._written_lock = threading.Lock()
         self.unwritten: dict[bytes, tuple[bytes, int]] = {}   # key -> (value, flush number)
+        self._forgotten_through = 0            # `unwritten` holds no flush up to this one
         self.reset(template)
 
     # -- the pool ------------------------------------------------------------------------
@@ -123,9 +124,6 @@ class StateCache:
         self.pool.index_copy_(0, index, flat.to(self.dtype))
 
     # -- users ---------------------------------------------------------------------------
-    def __contains__(self, user: str) -> bool:
-        return user in self.entries
-
     def __len__(self) -> int:
         return len(self.entries)
 
@@ -241,6 +239,9 @@ class StateCache:
     def forget_written(self) -> None:
         """Drop what the table now holds from `unwritten` (once per batch)."""
         written = self.written()
+        if written == self._forgotten_through:
+            return
+        self._forgotten_through = written
         self.unwritten = {k: v for k, v in self.unwritten.items() if v[1] > written}
 
     def read_unwritten(self, key: bytes) -> bytes | None:

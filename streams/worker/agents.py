@@ -243,11 +243,17 @@ class ScoringAgent:
         their acks are awaited in order (finish)."""
         self.unscored -= 1
         self.wakeup.set()
-        if job.scored.cancelled() or job.scored.exception() is not None:
-            return
-        if job.message_events:
-            self.crash_if("after_score", job.number)
-        job.sent = asyncio.ensure_future(self.send(job.scored.result().recommendations))
+        if not job.scored.cancelled() and job.scored.exception() is None:
+            self._send_once(job)
+
+    def _send_once(self, job: Job) -> asyncio.Future:
+        """Its recommendations on their way, once: from _scored, or from finish when the
+        future was already done when _scored was attached (then _scored runs later)."""
+        if job.sent is None:
+            if job.message_events:
+                self.crash_if("after_score", job.number)
+            job.sent = asyncio.ensure_future(self.send(job.scored.result().recommendations))
+        return job.sent
 
     def request_flush(self) -> None:
         """Flush with the next batch, or alone if none comes (any loop callback)."""
@@ -300,7 +306,7 @@ class ScoringAgent:
         scored = await job.scored
         for message_event, reason in scored.dead_letters:
             await self.dead_letter(message_event, reason)
-        await job.sent              # set by _scored, registered before this await
+        await self._send_once(job)
         if job.message_events:
             self.crash_if("after_produce", job.number)
         self.held += job.message_events

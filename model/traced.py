@@ -2,10 +2,10 @@
 
 Why: a step of MLSA4Rec-S is ~150 small tensor ops, and eager PyTorch takes the GIL back
 between any two of them. In a process whose other thread runs Python (the streaming worker's
-event loop), each of those hand-overs can wait for that thread's switch interval: measured
-here with one busy Python thread beside it, a batch-256 step + scores took 1,125 ms eager and
-107 ms traced (50 ms alone either way). A traced graph runs in C++ and holds the GIL only to
-enter and leave.
+event loop), each of those hand-overs can wait for that thread's switch interval: with one busy
+Python thread beside it, a batch-256 step + scores took 10x longer eager than traced
+(`bench/worker_parts.py`, docs/RESULTS.md section 4c). A traced graph runs in C++ and holds the
+GIL only to enter and leave.
 
 The item lookup is rewritten without `model.embed_items`' branch on the data (which a trace
 would freeze): unknown items take the known items' mean through a `where`, then

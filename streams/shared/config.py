@@ -38,6 +38,10 @@ class StreamConfig:
     # producer and (here) the broker need cores too, and scale-out is more workers; measured
     # faster than the default on 2 cores (docs/RESULTS.md, section 4).
     threads: int = 1
+    # How long a Python thread may hold the GIL while another waits for it (sys.setswitchinterval;
+    # Python's default 5 ms). The model thread needs the GIL between its torch calls and waits
+    # this long each time the event loop holds it (docs/RESULTS.md, section 4e).
+    gil_switch_ms: float = 0.5
     data_dir: str = "runs/worker"       # RocksDB tables live here; one folder per worker
     table_cache_mb: int = 64            # RocksDB block cache per table partition
     table_write_buffer_mb: int = 16     # RocksDB write buffer (x2) per table partition

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 import threading
 
 import faust
@@ -66,6 +67,9 @@ def build_scorer(cfg: StreamConfig) -> Scorer:
 
 
 def create_app(cfg: StreamConfig, scorer: Scorer, metrics: WorkerMetrics | None = None):
+    if cfg.gil_switch_ms <= 0:
+        raise ValueError(f"--gil-switch-ms must be > 0, not {cfg.gil_switch_ms}")
+    sys.setswitchinterval(cfg.gil_switch_ms / 1000)
     app = faust.App(
         cfg.app_id,
         broker=f"kafka://{cfg.broker}",

@@ -26,8 +26,9 @@ log = logging.getLogger(__name__)
 
 
 def traced_step(model, device="cpu", example_batch: int = 8, tolerance: float = 1e-5):
-    """fn(state, item_ids) -> (state, scores (batch, n_items)), equal to
-    `model.step` + `model.scores`, advancing `state` in place like `model.step`; or None."""
+    """fn(state, item_ids) -> (state, user_repr (batch, hidden), scores (batch, n_items)),
+    equal to `model.step` + `model.scores`, advancing `state` in place like `model.step`; or
+    None."""
     if not getattr(model, "steppable", False) or not hasattr(model, "step_vectors"):
         return None
     frozen = [p for p in model.parameters() if p.requires_grad]
@@ -44,7 +45,7 @@ def traced_step(model, device="cpu", example_batch: int = 8, tolerance: float = 
                 vectors = model.item_embedding(item_ids.clamp(min=0))
                 vectors = torch.where((item_ids == OOV).unsqueeze(-1), unknown_vector, vectors)
                 state, user_repr = model.step_vectors(state, vectors)
-                return state, model.scores(user_repr)
+                return state, user_repr, model.scores(user_repr)
 
             state, items = _example(model, example_batch, device)
             step = torch.jit.trace(step, (state, items), strict=False, check_trace=False)
@@ -79,9 +80,11 @@ def _agrees(model, step, batch: int, device, tolerance: float) -> bool:
     state, items = _example(model, batch, device)
     eager_state, user_repr = model.step({k: v.clone() for k, v in state.items()}, items)
     eager_scores = model.scores(user_repr)
-    traced_state, traced_scores = step({k: v.clone() for k, v in state.items()}, items)
+    traced_state, traced_repr, traced_scores = step({k: v.clone() for k, v in state.items()},
+                                                    items)
     finite = torch.isfinite(eager_scores)
-    return (torch.equal(finite, torch.isfinite(traced_scores))
+    return (torch.allclose(user_repr, traced_repr, atol=tolerance)
+            and torch.equal(finite, torch.isfinite(traced_scores))
             and torch.allclose(eager_scores[finite], traced_scores[finite], atol=tolerance)
             and all(torch.allclose(eager_state[k], traced_state[k], atol=tolerance)
                     for k in eager_state))

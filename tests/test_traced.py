@@ -24,7 +24,8 @@ def test_the_traced_step_equals_the_eager_one(name):
             items = torch.randint(1, N_ITEMS, (batch,), generator=g)
             items[0] = OOV                                  # an unknown item in every batch
             eager, repr_ = model.step({k: v.clone() for k, v in state.items()}, items)
-            traced, scores = step({k: v.clone() for k, v in state.items()}, items)
+            traced, traced_repr, scores = step({k: v.clone() for k, v in state.items()}, items)
+            assert torch.allclose(repr_, traced_repr, atol=1e-6)
             for key in eager:
                 assert torch.allclose(eager[key], traced[key], atol=1e-6), key
             want = model.scores(repr_)

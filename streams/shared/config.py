@@ -50,7 +50,14 @@ class StreamConfig:
     state_cache_mb: int = 512
     flush_every_s: float = 2.0          # write changed users to the table (then commit) this often
     snapshot_every: int = 16            # a user's full state every N of its clicks, items between
-    metrics_port: int = 9108            # Prometheus /metrics and /health; 0 = off
+    # Prometheus /metrics, /health and GET /users/{id}/recommendations; 0 = off
+    metrics_port: int = 9108
+    # The host other workers reach this one's port at (forwarded requests); "" = this
+    # machine's host name.
+    advertised_host: str = ""
+    api_token: str = ""                 # bearer token the recommendations endpoint asks for; "" = none
+    query_timeout_s: float = 5.0        # a request waits this long for the model thread, then 503
+    popular_window_s: float = 600.0     # users never seen get the most clicked items of this window
     # How soon the group notices a dead worker and hands its partitions on (broker minimum: 6 s).
     session_timeout_s: float = 10.0
     shutdown_timeout_s: float = 30.0    # after SIGTERM/SIGINT, exit by then even if Kafka is gone

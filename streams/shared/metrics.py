@@ -105,25 +105,37 @@ class TrainerMetrics:
 
 
 class MetricsServer:
-    """/metrics and /health on a daemon thread; health() -> (ok, details dict)."""
+    """/metrics and /health on a daemon thread; health() -> (ok, details dict);
+    handle(target, headers) -> (status, headers, body) or None: any other GET (the worker's
+    recommendations endpoint, streams/worker/queries.py), answered where it returns one."""
 
-    def __init__(self, port: int, registry: CollectorRegistry, health):
-        registry_, health_ = registry, health
+    def __init__(self, port: int, registry: CollectorRegistry, health, handle=None):
+        registry_, health_, handle_ = registry, health, handle
 
         class Handler(BaseHTTPRequestHandler):
+            # Keep-alive: a client asking many times pays one connection (and one thread).
+            protocol_version = "HTTP/1.1"
+
             def do_GET(self):  # noqa: N802 - http.server's name
-                if self.path.split("?")[0] == "/metrics":
+                path, extra = self.path.split("?")[0], {}
+                if path == "/metrics":
                     body, status, kind = generate_latest(registry_), 200, CONTENT_TYPE_LATEST
-                elif self.path.split("?")[0] == "/health":
+                elif path == "/health":
                     ok, details = health_()
                     # details may say why it is not ok in its own "status"
                     body = json.dumps({"status": "ok" if ok else "starting", **details}).encode()
                     status, kind = (200 if ok else 503), "application/json"
                 else:
-                    body, status, kind = b"not found\n", 404, "text/plain"
+                    answer = handle_(self.path, self.headers) if handle_ else None
+                    if answer is None:
+                        body, status, kind = b"not found\n", 404, "text/plain"
+                    else:
+                        (status, extra, body), kind = answer, "application/json"
                 self.send_response(status)
                 self.send_header("Content-Type", kind)
                 self.send_header("Content-Length", str(len(body)))
+                for name, value in extra.items():
+                    self.send_header(name, value)
                 self.end_headers()
                 self.wfile.write(body)
 
@@ -131,6 +143,7 @@ class MetricsServer:
                 pass
 
         self.server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
+        self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self.thread = threading.Thread(target=self.server.serve_forever, name="metrics",
                                        daemon=True)

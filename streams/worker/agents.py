@@ -15,6 +15,8 @@ Three parts, so that the model and the event loop work at the same time:
                        state cache (streams/worker/state_cache.py), encodes the
                        recommendations, and every `flush_every_s` makes a flush: the records
                        of the users changed since the last one;
+  queries              `answer` (an HTTP thread: streams/worker/queries.py) runs in the
+                       model thread too, between batches: a user's top k from its state;
   finisher (loop)      in batch order: sends the recommendations (confluent-kafka,
                        streams/worker/producer.py) and waits for their acks; for a batch that
                        carries a flush, writes it to the table and only then acks every event
@@ -37,6 +39,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +47,7 @@ import torch
 from model.state import state_size
 from schemas.codec import DecodeError, RecommendationWriter
 from streams.shared.clicks import checked_click
+from streams.worker.queries import NotReady, PopularItems, Query, partition_of
 from streams.worker.scoring import NO_SNAPSHOT, BatchStats, Event, UserRecord, snapshot_key
 from streams.worker.state_cache import Flush, StateCache
 
@@ -123,6 +127,7 @@ class ScoringAgent:
             raise ValueError(f"--state-cache-mb {cfg.state_cache_mb} holds {self.cache.capacity} "
                              f"users: it must hold at least 2 x --batch-max ({cfg.batch_max})")
         self.writer = RecommendationWriter(scorer.item_ids)
+        self.popular = PopularItems(cfg.popular_window_s)
         self._next_model = None                 # (model, item ids, version, parent) to serve next
         self._next_model_lock = threading.Lock()
         self.counts = {"events": 0, "applied": 0, "dead_letters": 0, "duplicates": 0,
@@ -273,6 +278,10 @@ class ScoringAgent:
             await asyncio.sleep(self.cfg.flush_every_s / 2)
             if self.held and time.monotonic() - self.flush_made_at >= self.cfg.flush_every_s:
                 self.request_flush()
+            elif self._next_model is not None and self.unscored == 0:
+                # A new version goes in before a batch; on a quiet stream this is the batch,
+                # so that requests (`answer`) get it without waiting for a click.
+                self.request_flush()
 
     async def flush_now(self) -> None:
         """Flush everything scored so far and wait until it is written and acked (a clean
@@ -388,6 +397,7 @@ class ScoringAgent:
                 continue
             events.append(event)
             last_of_user[event.user_id] = event
+        self.popular.add([event.item_id for event in events])
         if self.fault == (RAISE_IN_SCORING, number) and events:
             time.sleep(1.0)     # as if after scoring: the event loop has gone on meanwhile
             raise RuntimeError(f"injected fault: an exception in scoring batch {number}")
@@ -441,7 +451,8 @@ class ScoringAgent:
                 records[user] = entry.record
                 if scorer.template is not None and not scorer.in_lineage(entry.record):
                     stale.append(user)              # started by a version no longer kept
-        snapshots = self._read(missing, last_of_user, records)
+        snapshots = self._read(missing, {u: last_of_user[u].partition for u in missing},
+                               records)
         rounds, touched = scorer.plan(events, records, stats)
         touched_set = set(touched)
         for user in touched:
@@ -480,7 +491,8 @@ class ScoringAgent:
             ranked.version, ranked.produced_at)
         return [(e.user_id.encode(), value) for e, value in zip(ranked.events, values)]
 
-    def _read(self, users: list[str], last_of_user, records) -> dict[str, bytes]:
+    def _read(self, users: list[str], partitions: dict[str, int], records
+              ) -> dict[str, bytes]:
         """Records (into `records`) and state snapshots of users not in the cache: from a
         flush not yet written, else from the table, one multi-get per partition."""
         snapshots: dict[str, bytes] = {}
@@ -488,7 +500,7 @@ class ScoringAgent:
             return snapshots
         by_partition: dict[int, list[str]] = {}
         for user in users:
-            by_partition.setdefault(last_of_user[user].partition, []).append(user)
+            by_partition.setdefault(partitions[user], []).append(user)
         for partition, part_users in by_partition.items():
             heads = self._read_keys(partition, [u.encode() for u in part_users])
             for user, head in zip(part_users, heads):
@@ -504,6 +516,51 @@ class ScoringAgent:
             return []
         return [self.cache.read_unwritten(key) or value
                 for key, value in zip(keys, self.table.read_many(partition, keys))]
+
+    # -- recommendations on request ------------------------------------------------------
+    def answer(self, query: Query) -> dict:
+        """A user's top k now (any thread; streams/worker/queries.py): computed in the model
+        thread between batches, so from the state the last batch left. NotReady while this
+        worker cannot answer from current state."""
+        if not self.started or self.failure is not None or self.stopping:
+            raise NotReady("the worker is starting or stopping")
+        if self.rebalancing or (self.recovery is not None and (
+                not self.recovery.completed.is_set() or self.recovery.in_recovery)):
+            raise NotReady("the worker is restoring its partitions (a rebalance)")
+        future = self.executor.submit(self._answer, query)
+        try:
+            return future.result(timeout=self.cfg.query_timeout_s)
+        except FutureTimeout:
+            future.cancel()
+            raise NotReady(f"no answer within {self.cfg.query_timeout_s} s") from None
+
+    @torch.no_grad()
+    def _answer(self, query: Query) -> dict:
+        user, scorer = query.user_id, self.scorer
+        exclude = self.cfg.exclude_seen if query.exclude_seen is None else query.exclude_seen
+        partition = partition_of(user, self.cfg.partitions)
+        entry = self.cache.entries.get(user)       # not get(): a request is not a click
+        if entry is not None:
+            record, state = entry.record, self.cache.gather([entry])
+        else:
+            records: dict[str, UserRecord] = {}
+            snapshots = self._read([user], {user: partition}, records)
+            record, state = records[user], None
+            if record.events_applied and scorer.template is not None:
+                state = scorer.load([user], records, snapshots, BatchStats(), writable=False)
+        out = {"user_id": user, "model_version": scorer.version, "partition": partition}
+        if not record.events_applied:
+            out.update(known_user=False, source="popular", last_event=None, items=[
+                {"item_id": item, "score": float(count), "rank": rank + 1}
+                for rank, (item, count) in enumerate(self.popular.top(query.k))])
+            return out
+        ranked, how = scorer.rank_user(record, state, query.k, exclude)
+        out.update(known_user=True, source=how, events_applied=record.events_applied,
+                   last_event={"event_id": record.last_event_id, "offset": record.last_offset,
+                               "timestamp": record.last_event_time},
+                   items=[{"item_id": item, "score": score, "rank": rank + 1}
+                          for rank, (item, score) in enumerate(ranked)])
+        return out
 
     # -- reporting -----------------------------------------------------------------------
     def observe(self, job: Job, scored: Scored) -> None:

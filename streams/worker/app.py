@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import sys
 import threading
 
@@ -19,8 +20,11 @@ import torch
 
 from model.checkpoint import load_checkpoint
 from model.training import pick_device
+from faust.types import TP
+
 from streams.worker.agents import ScoringAgent
 from streams.worker.producer import AsyncProducer, producer_config
+from streams.worker.queries import RecommendationsEndpoint, partition_of
 from streams.shared.config import StreamConfig
 from streams.shared.kafka_config import faust_credentials
 from streams.shared.metrics import MetricsServer, WorkerMetrics
@@ -87,6 +91,9 @@ def create_app(cfg: StreamConfig, scorer: Scorer, metrics: WorkerMetrics | None 
         web_enabled=False,
         broker_session_timeout=cfg.session_timeout_s,
         broker_heartbeat_interval=cfg.session_timeout_s / 4,
+        # Faust hands each member's URL to the others with the assignment: where a request
+        # for a user of another worker's partition is forwarded (streams/worker/queries.py).
+        canonical_url=worker_url(cfg),
     )
     hold_events_until_streams_resume(app)
     interactions = raw_topic(app, cfg.interactions_topic, cfg.partitions)
@@ -116,6 +123,30 @@ def create_app(cfg: StreamConfig, scorer: Scorer, metrics: WorkerMetrics | None 
         await agent.run(stream)
 
     return app, agent
+
+
+def worker_url(cfg: StreamConfig) -> str:
+    """This worker's HTTP address as the other workers reach it."""
+    return f"http://{cfg.advertised_host or socket.gethostname()}:{cfg.metrics_port}"
+
+
+def recommendations_endpoint(cfg: StreamConfig, app, agent) -> RecommendationsEndpoint:
+    """GET /users/{id}/recommendations, answered here for the partitions this worker owns and
+    forwarded to the owner of any other (Faust's assignment knows each partition's)."""
+    changelog = agent.table.table.changelog_topic.get_topic_name()
+
+    def owner(user_id: str) -> str | None:
+        if agent.rebalancing:
+            return None
+        partition = partition_of(user_id, cfg.partitions)
+        if TP(cfg.interactions_topic, partition) in app.assignor.assigned_actives():
+            return "self"
+        for url, topics in app.assignor.changelog_distribution.items():
+            if partition in topics.get(changelog, ()):
+                return "self" if url == worker_url(cfg) else url
+        return None
+    return RecommendationsEndpoint(agent.answer, owner, worker_url(cfg), token=cfg.api_token,
+                                   timeout_s=cfg.query_timeout_s, default_k=cfg.top_k)
 
 
 def tell_agent_of_rebalances(app, agent) -> None:
@@ -251,7 +282,8 @@ def run_worker(cfg: StreamConfig) -> None:
     if cfg.metrics_port:
         try:
             MetricsServer(cfg.metrics_port, metrics.registry, health=lambda: worker_health(
-                agent, app.tables.recovery, watcher)).start()
+                agent, app.tables.recovery, watcher),
+                handle=recommendations_endpoint(cfg, app, agent).handle).start()
         except OSError as exc:          # e.g. a second worker on this host, same port
             logging.getLogger(__name__).error(
                 "no metrics/health endpoint: port %d: %s (set --metrics-port); scoring goes on",

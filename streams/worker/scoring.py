@@ -12,6 +12,12 @@ what `process` and versions before the state cache write) or kept as a snapshot 
 key (`snapshot_key`), taken after `snapshot_at` events: the state is then the snapshot stepped
 over the items applied since, which the record's history holds (`Scorer.load`). Step is
 deterministic, so that replay gives the state back (to float rounding).
+
+The state also carries the user's representation after its last step (`USER_REPR`, the
+vector the items are scored against), so that a user's recommendations can be ranked again
+without a click (the worker's `/users/{id}/recommendations`, `Scorer.rank_user`). States
+stored before it was added read with that part unknown (NaN): then it is computed from the
+history.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ import struct
 import time
 from dataclasses import dataclass, field, fields
 
+import numpy as np
 import torch
 
 from model.models.base import OOV
@@ -34,6 +41,9 @@ HISTORY_LEN = 50
 # no user id's key can end in it: the snapshot key cannot be another user's record key.
 SNAPSHOT_SUFFIX = b"\xff"
 NO_SNAPSHOT = -1
+# The state key of the user's representation after its last step. Sorted last among the state
+# keys (model/state.py lays rows out in key order), so a row stored without it is a prefix.
+USER_REPR = "~user_repr"
 _SNAPSHOT_HEAD = struct.Struct(">QH")
 
 
@@ -82,6 +92,8 @@ class UserRecord:
     # events_applied when the snapshot under snapshot_key(user) was taken; 0 = the model's
     # initial state (nothing stored); NO_SNAPSHOT = the state is in `state`, or there is none.
     snapshot_at: int = NO_SNAPSHOT
+    last_version: str = ""          # the version whose step applied the last event
+    last_event_time: int = 0        # that event's timestamp (ms)
 
     def to_bytes(self) -> bytes:
         """4-byte header length, a JSON header, then the raw state bytes."""
@@ -136,7 +148,7 @@ class Scorer:
         self.state_dtype, self.history_len = state_dtype, history_len
         self.rebuild_states = rebuild_states
         self.keep_states_for_versions = keep_states_for_versions
-        self.template = model.init_state(1, device=self.device) if model.steppable else None
+        self.template = self._template(self.model)
         self.traced = traced_step(self.model, self.device) if self.trace_step else None
         # Versions whose states this one keeps: itself (0) and its recent ancestors (1, 2, ...).
         self.lineage = {version: 0}
@@ -164,9 +176,33 @@ class Scorer:
         self.item_ids = list(item_ids)
         self.index = {raw: i for i, raw in enumerate(self.item_ids) if i > 0}
         self.version = version
-        self.template = model.init_state(1, device=self.device) if model.steppable else None
+        self.template = self._template(self.model)
         # traced: from trace_for(model) (False: trace here)
         self.traced = self.trace_for(self.model) if traced is False else traced
+
+    def _template(self, model):
+        """One user's initial state, USER_REPR included; None for window models."""
+        if not model.steppable:
+            return None
+        return self._init_states(model, 1)
+
+    def _init_states(self, model, n: int):
+        state = model.init_state(n, device=self.device)
+        if USER_REPR in state or sorted(state)[-1] > USER_REPR:
+            raise ValueError(f"state keys {sorted(state)}: {USER_REPR!r} must sort last")
+        state[USER_REPR] = torch.zeros(n, model.item_embedding.embedding_dim, device=self.device)
+        return state
+
+    def _with_repr(self, blob: bytes) -> bytes | None:
+        """A stored state row as this version reads it: as it is, or, stored before USER_REPR
+        was part of the state, with that part NaN (unknown); None if it fits neither."""
+        if blob_fits(blob, self.template):
+            return blob
+        model_only = {k: v for k, v in self.template.items() if k != USER_REPR}
+        if not blob_fits(blob, model_only):
+            return None
+        dtype = np.float16 if blob[0] == 2 else np.float32
+        return blob + np.full(self.template[USER_REPR].shape[1], np.nan, dtype).tobytes()
 
     def item_index(self, raw: str) -> int:
         return self.index.get(raw, OOV)
@@ -243,8 +279,8 @@ class Scorer:
         blobs, fresh, rebuild, replay = {}, [], [], {}
         for user in users:
             record = records[user]
-            if record.state and self.in_lineage(record):
-                blobs[user] = record.state
+            if record.state and self.in_lineage(record) and self._with_repr(record.state):
+                blobs[user] = self._with_repr(record.state)
             elif record.snapshot_at >= 0 and self.in_lineage(record):
                 applied, blob = record.snapshot_at, None
                 if applied > 0:
@@ -254,8 +290,8 @@ class Scorer:
                     applied, started_by, blob = snapshot_from_bytes(snapshots[user])
                     # A crash between a record and its snapshot can leave a snapshot of an
                     # older lineage, or of another architecture, under the key.
-                    if (started_by not in self.lineage and self.rebuild_states) or \
-                            not blob_fits(blob, self.template):
+                    blob = self._with_repr(blob)
+                    if (started_by not in self.lineage and self.rebuild_states) or blob is None:
                         rebuild.append(user)
                         continue
                 pending = record.events_applied - applied
@@ -309,8 +345,10 @@ class Scorer:
             index = torch.tensor([row for row, _ in active], device=self.device)
             step_items = torch.tensor([self.item_index(raw) for _, raw in active],
                                       device=self.device)
-            new_states, _ = self.model.step({k: v.index_select(0, index)
-                                             for k, v in states.items()}, step_items)
+            new_states, user_repr = self.model.step(
+                {k: v.index_select(0, index) for k, v in states.items() if k != USER_REPR},
+                step_items)
+            new_states[USER_REPR] = user_repr
             for k, v in new_states.items():
                 states[k].index_copy_(0, index, v)
 
@@ -318,12 +356,13 @@ class Scorer:
         """States advanced over the stored histories (a new user, or a state made by another
         model version): fresh states, and those with a history in one parallel prefill pass
         rather than one step per item."""
-        state = self.model.init_state(len(histories), device=self.device)
+        state = self._init_states(self.model, len(histories))
         rows = [row for row, history in enumerate(histories) if history]
         if not rows:                                    # new users only: nothing to replay
             return state
         items, lengths = self._padded([histories[row] for row in rows])
-        prefilled, _ = self.model.prefill(items, lengths)
+        prefilled, user_repr = self.model.prefill(items, lengths)
+        prefilled[USER_REPR] = user_repr
         index = torch.tensor(rows, device=self.device)
         for key, value in prefilled.items():
             state[key].index_copy_(0, index, value.to(state[key].dtype))
@@ -352,6 +391,8 @@ class Scorer:
                 record.last_offset = event.offset
             record.offsets_of = self.offsets_of or record.offsets_of
             record.last_event_id = event.event_id
+            record.last_event_time = event.timestamp_ms
+            record.last_version = self.version
             record.events_applied += 1
             if index == OOV:
                 record.unknown_items += 1
@@ -389,11 +430,46 @@ class Scorer:
         return events, top_items, top_scores
 
     def _step(self, states, items):
-        """(advanced states, scores of every item row)."""
+        """(advanced states, USER_REPR included, scores of every item row)."""
+        model_states = {k: v for k, v in states.items() if k != USER_REPR}
         if self.traced is not None:
-            return self.traced(states, items)
-        new_states, user_repr = self.model.step(states, items)
-        return new_states, self.model.scores(user_repr)
+            new_states, user_repr, scores = self.traced(model_states, items)
+        else:
+            new_states, user_repr = self.model.step(model_states, items)
+            scores = self.model.scores(user_repr)
+        new_states = dict(new_states)
+        new_states[USER_REPR] = user_repr
+        return new_states, scores
+
+    # -- recommendations on request ----------------------------------------------------
+    @torch.no_grad()
+    def rank_user(self, record: UserRecord, state, k: int, exclude_seen: bool
+                  ) -> tuple[list[tuple[str, float]], str]:
+        """The top k for a user now, without a click: (item id, score) best first, and how
+        it was computed: "state" (the representation its last step left, what its last
+        recommendation was ranked from) or "history" (recomputed over its last history_len
+        items: the representation was made by another model version, or is not stored).
+
+        state: the user's state (row 0; USER_REPR is what counts), or None."""
+        history = record.history[-self.history_len:]
+        how = "state"
+        if self.template is None:
+            scores = self.model.scores(self._window_repr([history]))
+            how = "history"
+        else:
+            user_repr = None if state is None else state[USER_REPR][:1].float()
+            if (user_repr is None or record.last_version != self.version
+                    or not torch.isfinite(user_repr).all()):
+                _, user_repr = self.model.prefill(*self._padded([history]))
+                how = "history"
+            scores = self.model.scores(user_repr.to(self.device))
+        scores = mask_spare_rows(scores, len(self.item_ids))
+        if exclude_seen:
+            seen = [self.index[raw] for raw in history if raw in self.index]
+            scores[0, seen] = -torch.inf
+        top_scores, top_items = torch.topk(scores[0], min(k, len(self.item_ids) - 1))
+        return [(self.item_ids[i], s) for i, s in zip(top_items.tolist(), top_scores.tolist())
+                if s != -math.inf], how
 
     def _window_repr(self, histories: list[list[str]]):
         """Window models (paper MLSA4Rec, SASRec): recompute over the last max_len items."""

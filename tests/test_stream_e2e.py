@@ -83,7 +83,7 @@ class Worker:
                      "--dead-letter-topic", f"dead-letters-{name}",
                      "--partitions", str(PARTITIONS), "--data-dir", str(tmp_path / "worker"),
                      "--model-updates-topic", f"model-updates-{name}",
-                     "--metrics-port", str(self.metrics_port),
+                     "--metrics-port", str(self.metrics_port), "--advertised-host", "127.0.0.1",
                      "--model-store", str(tmp_path / "models"),
                      "--batch-max", "16", "--batch-wait-ms", "20", "--log-level", os.environ.get("TEST_WORKER_LOG_LEVEL", "warning"),
                      "--report-every-s", "0"]

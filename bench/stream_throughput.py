@@ -300,10 +300,11 @@ def backlog_phase(bootstrap, name, events, started, alive) -> dict:
     return {"events/s": throughput, "startup s": received[0] - started}
 
 
-def latency_phase(bootstrap, name, traffic, start, n, rate, alive) -> dict:
+def latency_phase(bootstrap, name, traffic, start, n, rate, alive, prefix="steady") -> dict:
     """Clicks at a steady `rate` (the slice of the traffic after the backlog); the latency
-    percentiles of their recommendations."""
-    produce(bootstrap, f"in-{name}", clicks(*traffic.pairs(start, n), "steady"), rate=rate,
+    percentiles of their recommendations. `prefix`: of their event ids, unique per phase (a
+    user's click with its last click's id is a duplicate: not scored again)."""
+    produce(bootstrap, f"in-{name}", clicks(*traffic.pairs(start, n), prefix), rate=rate,
             warmup_topic=f"warmup-{name}")
     times, latencies = drain(bootstrap, f"out-{name}", start + n, alive=alive)
     if len(times) < start + n:

@@ -183,7 +183,7 @@ def test_rank_user_equals_the_last_recommendation_and_the_offline_model(model, t
     records, recommendations, _ = scorer.process(events_for("u", items), {"u": None})
     record = records["u"]
     state = scorer.load(["u"], {"u": UserRecord.from_bytes(record.to_bytes())}, {}, BatchStats())
-    ranked, how = scorer.rank_user(record, state, 10, exclude_seen=False)
+    ranked, how = scorer.rank_user(record, state[USER_REPR], 10, exclude_seen=False)
     assert how == "state" and record.last_version == "v1"
     assert record.last_event_time == 1_700_000_000_000 + len(items) - 1
     last = recommendations[-1]["items"]
@@ -191,15 +191,15 @@ def test_rank_user_equals_the_last_recommendation_and_the_offline_model(model, t
     assert torch.allclose(torch.tensor([s for _, s in ranked]),
                           torch.tensor([i["score"] for i in last]), atol=1e-5)
     want_items, want_scores = offline_top(model, items, 25)
-    ranked, _ = scorer.rank_user(record, state, 25, exclude_seen=False)
+    ranked, _ = scorer.rank_user(record, state[USER_REPR], 25, exclude_seen=False)
     assert [item for item, _ in ranked] == want_items
     assert torch.allclose(torch.tensor([s for _, s in ranked]), want_scores, atol=1e-4)
-    ranked, _ = scorer.rank_user(record, state, 25, exclude_seen=True)
+    ranked, _ = scorer.rank_user(record, state[USER_REPR], 25, exclude_seen=True)
     want_items, _ = offline_top(model, items, 25, exclude=set(items))
     assert [item for item, _ in ranked] == want_items
     assert not {ITEM_IDS[i] for i in items} & {item for item, _ in ranked}
     # k beyond the catalogue: every known item once, the pad item never.
-    ranked, _ = scorer.rank_user(record, state, 1000, exclude_seen=False)
+    ranked, _ = scorer.rank_user(record, state[USER_REPR], 1000, exclude_seen=False)
     assert sorted(item for item, _ in ranked) == sorted(ITEM_IDS[1:])
 
 
@@ -212,7 +212,7 @@ def test_after_a_swap_a_user_is_ranked_by_the_new_version_over_its_history(model
     scorer.swap(newer, ITEM_IDS, "v2", parent="v1")        # a child: the stream keeps states
     record = UserRecord.from_bytes(records["u"].to_bytes())
     state = scorer.load(["u"], {"u": record}, {}, BatchStats())
-    ranked, how = scorer.rank_user(record, state, 10, exclude_seen=False)
+    ranked, how = scorer.rank_user(record, state[USER_REPR], 10, exclude_seen=False)
     assert how == "history"
     want_items, want_scores = offline_top(newer, items, 10)
     assert [item for item, _ in ranked] == want_items
@@ -232,7 +232,7 @@ def test_a_state_stored_before_the_user_representation_reads_and_goes_on_exactly
     assert torch.isnan(loaded[USER_REPR]).all()
     for key in state:
         assert torch.equal(loaded[key], state[key]), key
-    ranked, how = scorer.rank_user(old, loaded, 10, exclude_seen=False)
+    ranked, how = scorer.rank_user(old, loaded[USER_REPR], 10, exclude_seen=False)
     assert how == "history"                        # no representation stored: recomputed
     assert [item for item, _ in ranked] == offline_top(model, items, 10)[0]
     # The next click goes on from the stored state exactly, and stores its representation.
@@ -242,4 +242,4 @@ def test_a_state_stored_before_the_user_representation_reads_and_goes_on_exactly
     assert [i["item_id"] for i in recommendations[0]["items"]] == want_items
     reloaded = scorer.load(["u"], {"u": records["u"]}, {}, BatchStats())
     assert torch.isfinite(reloaded[USER_REPR]).all()
-    assert scorer.rank_user(records["u"], reloaded, 10, False)[1] == "state"
+    assert scorer.rank_user(records["u"], reloaded[USER_REPR], 10, False)[1] == "state"

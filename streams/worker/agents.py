@@ -38,7 +38,7 @@ import os
 import threading
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
@@ -48,7 +48,8 @@ from model.state import state_size
 from schemas.codec import DecodeError, RecommendationWriter
 from streams.shared.clicks import checked_click
 from streams.worker.queries import NotReady, PopularItems, Query, partition_of
-from streams.worker.scoring import NO_SNAPSHOT, BatchStats, Event, UserRecord, snapshot_key
+from streams.worker.scoring import (NO_SNAPSHOT, USER_REPR, BatchStats, Event, UserRecord,
+                                    snapshot_key)
 from streams.worker.state_cache import Flush, StateCache
 
 log = logging.getLogger(__name__)
@@ -128,6 +129,10 @@ class ScoringAgent:
                              f"users: it must hold at least 2 x --batch-max ({cfg.batch_max})")
         self.writer = RecommendationWriter(scorer.item_ids)
         self.popular = PopularItems(cfg.popular_window_s)
+        # Requests waiting for the model thread; one job there answers all that are waiting.
+        self.requests: deque[tuple[Query, Future]] = deque()
+        self.requests_job = False               # a job for them is in the model thread's queue
+        self.requests_lock = threading.Lock()
         self._next_model = None                 # (model, item ids, version, parent) to serve next
         self._next_model_lock = threading.Lock()
         self.counts = {"events": 0, "applied": 0, "dead_letters": 0, "duplicates": 0,
@@ -527,12 +532,31 @@ class ScoringAgent:
         if self.rebalancing or (self.recovery is not None and (
                 not self.recovery.completed.is_set() or self.recovery.in_recovery)):
             raise NotReady("the worker is restoring its partitions (a rebalance)")
-        future = self.executor.submit(self._answer, query)
+        future: Future = Future()
+        with self.requests_lock:
+            self.requests.append((query, future))
+            if not self.requests_job:
+                self.requests_job = True
+                self.executor.submit(self._answer_waiting)
         try:
             return future.result(timeout=self.cfg.query_timeout_s)
         except FutureTimeout:
             future.cancel()
             raise NotReady(f"no answer within {self.cfg.query_timeout_s} s") from None
+
+    def _answer_waiting(self) -> None:
+        """The model thread: every request waiting, in one job (under load many arrive while
+        a batch is scored; one hand-over each would put each behind the next batch)."""
+        with self.requests_lock:
+            waiting, self.requests_job = list(self.requests), False
+            self.requests.clear()
+        for query, future in waiting:
+            if not future.set_running_or_notify_cancel():
+                continue                        # its caller gave up waiting
+            try:
+                future.set_result(self._answer(query))
+            except Exception as exc:            # noqa: BLE001 - the caller gets it, not us
+                future.set_exception(exc)
 
     @torch.no_grad()
     def _answer(self, query: Query) -> dict:
@@ -541,20 +565,21 @@ class ScoringAgent:
         partition = partition_of(user, self.cfg.partitions)
         entry = self.cache.entries.get(user)       # not get(): a request is not a click
         if entry is not None:
-            record, state = entry.record, self.cache.gather([entry])
+            record, user_repr = entry.record, self.cache.part(entry, USER_REPR)
         else:
             records: dict[str, UserRecord] = {}
             snapshots = self._read([user], {user: partition}, records)
-            record, state = records[user], None
+            record, user_repr = records[user], None
             if record.events_applied and scorer.template is not None:
-                state = scorer.load([user], records, snapshots, BatchStats(), writable=False)
+                user_repr = scorer.load([user], records, snapshots, BatchStats(),
+                                        writable=False)[USER_REPR]
         out = {"user_id": user, "model_version": scorer.version, "partition": partition}
         if not record.events_applied:
             out.update(known_user=False, source="popular", last_event=None, items=[
                 {"item_id": item, "score": float(count), "rank": rank + 1}
                 for rank, (item, count) in enumerate(self.popular.top(query.k))])
             return out
-        ranked, how = scorer.rank_user(record, state, query.k, exclude)
+        ranked, how = scorer.rank_user(record, user_repr, query.k, exclude)
         out.update(known_user=True, source=how, events_applied=record.events_applied,
                    last_event={"event_id": record.last_event_id, "offset": record.last_offset,
                                "timestamp": record.last_event_time},

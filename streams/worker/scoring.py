@@ -443,21 +443,20 @@ class Scorer:
 
     # -- recommendations on request ----------------------------------------------------
     @torch.no_grad()
-    def rank_user(self, record: UserRecord, state, k: int, exclude_seen: bool
+    def rank_user(self, record: UserRecord, user_repr, k: int, exclude_seen: bool
                   ) -> tuple[list[tuple[str, float]], str]:
         """The top k for a user now, without a click: (item id, score) best first, and how
         it was computed: "state" (the representation its last step left, what its last
         recommendation was ranked from) or "history" (recomputed over its last history_len
         items: the representation was made by another model version, or is not stored).
 
-        state: the user's state (row 0; USER_REPR is what counts), or None."""
+        user_repr: its state's USER_REPR (1, hidden), or None."""
         history = record.history[-self.history_len:]
         how = "state"
         if self.template is None:
             scores = self.model.scores(self._window_repr([history]))
             how = "history"
         else:
-            user_repr = None if state is None else state[USER_REPR][:1].float()
             if (user_repr is None or record.last_version != self.version
                     or not torch.isfinite(user_repr).all()):
                 _, user_repr = self.model.prefill(*self._padded([history]))

@@ -112,6 +112,18 @@ class StateCache:
         flat = self.pool.index_select(0, index).float()
         return Rows(flat, self.layout)
 
+    def part(self, entry: Entry, key: str) -> torch.Tensor | None:
+        """One state key of one user's row, fp32, shaped (1, ...) (a request needs only the
+        user's representation: no gather of its whole state)."""
+        if self.pool is None:
+            return None
+        offset = 0
+        for name, shape, n in self.layout:
+            if name == key:
+                return self.pool[entry.slot, offset:offset + n].float().view(1, *shape)
+            offset += n
+        raise KeyError(key)
+
     def scatter(self, entries: list[Entry], states) -> None:
         if self.pool is None or not entries:
             return

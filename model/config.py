@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
+import io
 import os
+import re
+import tokenize
 import typing
 
 
@@ -51,12 +55,47 @@ def _parse_setting(kind, text: str, label: str):
         raise ConfigError(f"{label}={text!r} is not a valid {kind.__name__}") from None
 
 
+def field_help(cls) -> dict[str, str]:
+    """Each field's description: the comment on its line in the class's source, else the
+    comment lines right above it. The comments readers of the code see are the CLI's help, so
+    the two cannot drift apart (tests/test_config_help.py checks every option has one)."""
+    source = inspect.getsource(cls)
+    comments: dict[int, str] = {}          # line number -> comment text
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT:
+            comments[token.start[0]] = token.string.lstrip("#").strip()
+    out, above = {}, []
+    for number, line in enumerate(source.splitlines(), start=1):
+        if line.strip().startswith("#"):
+            above.append(comments.get(number, ""))
+            continue
+        match = re.match(r"^    (\w+)\s*:", line)
+        if match and not line.strip().startswith(("def ", "@")):
+            out[match.group(1)] = comments.get(number) or " ".join(above)
+        above = []
+    return out
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
+    descriptions = field_help(cls)
     for field in dataclasses.fields(cls):
         kind = _field_type(cls, field)
+        default = field.default if field.default is not dataclasses.MISSING else None
+        shown = f"{default!r}" if isinstance(default, str) else str(default).lower() \
+            if isinstance(default, bool) else str(default)
+        text = descriptions.get(field.name, "")
+        help_text = (f"{text} " if text else "") + (
+            f"({kind.__name__}, default {shown}; env MLSA4REC_{field.name.upper()})")
         parser.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name,
-                            type=lambda text, k=kind: _parse(k, text), default=None,
-                            help=f"{kind.__name__}, env MLSA4REC_{field.name.upper()}")
+                            type=_converter(kind), default=None,
+                            metavar=kind.__name__.upper(), help=help_text.replace("%", "%%"))
+
+
+def _converter(kind):
+    def convert(text: str):
+        return _parse(kind, text)
+    convert.__name__ = kind.__name__      # argparse: "invalid int value: 'ten'"
+    return convert
 
 
 def build(cls, args: argparse.Namespace | None = None, **overrides):

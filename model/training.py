@@ -31,16 +31,16 @@ from model.metrics import mask_seen, metrics_from_ranks, target_ranks
 
 @dataclass
 class TrainConfig:
-    dataset: str = "ml-100k"
-    model: str = "mlsa4rec-s"
-    epochs: int = 100
-    batch_size: int = 64
-    eval_batch_size: int = 512
-    lr: float = 1e-3
-    patience: int = 10
-    seed: int = 2024
-    max_len: int = 50
-    device: str = "auto"
+    dataset: str = "ml-100k"  # ml-100k, ml-1m or a CSV/Parquet log
+    model: str = "mlsa4rec-s"  # mlsa4rec-s, mlsa4rec, mamba4rec or sasrec
+    epochs: int = 100  # most epochs to train
+    batch_size: int = 64  # sequences per optimiser step
+    eval_batch_size: int = 512  # users per evaluation batch
+    lr: float = 1e-3  # Adam learning rate
+    patience: int = 10  # stop after this many epochs without a better valid NDCG@10
+    seed: int = 2024  # random seed
+    max_len: int = 50  # window of items the model sees
+    device: str = "auto"  # torch device: auto (cuda if available), cpu or cuda[:n]
     threads: int = 0              # torch CPU threads; 0 = torch's default
     time_budget_min: float = 0.0  # stop after the epoch that passes this many minutes; 0 = none
     checkpoint: str = ""          # where to save; "" = runs/<dataset>-<model>.pt
@@ -51,11 +51,11 @@ class TrainConfig:
     # Causal models: train on each user's whole sequence and evaluate on the whole history,
     # as the stream sees it, instead of windows of max_len; batches hold ~tokens_per_batch items.
     whole_sequences: bool = False
-    tokens_per_batch: int = 3200
+    tokens_per_batch: int = 3200  # with whole_sequences: items per batch
     # Causal models: windows of max_len ending this far apart (0 = side by side); see
     # causal_windows.
     window_stride: int = 0
-    progress: bool = True
+    progress: bool = True  # show a progress bar
 
     def __post_init__(self):
         for name in ("epochs", "batch_size", "eval_batch_size", "max_len", "tokens_per_batch"):

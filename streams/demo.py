@@ -27,16 +27,16 @@ from streams.shared.local_broker import REPO
 
 @dataclass
 class DemoConfig:
-    dataset: str = "ml-100k"
-    model: str = "mlsa4rec-s"
+    dataset: str = "ml-100k"  # ml-100k or ml-1m (fetched and sha256-checked on first use)
+    model: str = "mlsa4rec-s"  # mlsa4rec-s, mlsa4rec, mamba4rec or sasrec
     cutoff: float = 0.8               # replay the last 20% of the log's events
     replay_seconds: float = 120.0     # ... time-scaled to last about this long (0 = flat out)
     train_minutes: float = 3.0        # offline warm start budget (first run only)
     fine_tune: bool = True            # run the online trainer
-    round_every_s: float = 20.0
-    out: str = "runs/demo"
+    round_every_s: float = 20.0  # the online trainer's round interval
+    out: str = "runs/demo"  # where the demo writes its models, states and report
     threads: int = 1                  # torch threads per process (worker, trainer)
-    batch_max: int = 64
+    batch_max: int = 64  # the worker's largest batch
     trainer_nice: int = 10            # the trainer's niceness: the worker comes first
 
 

@@ -29,14 +29,14 @@ CHUNK = 5000                        # events per delivery check and progress wri
 
 @dataclass
 class ReplayConfig:
-    broker: str = "127.0.0.1:9092"
-    interactions_topic: str = "interactions"
-    partitions: int = 4
+    broker: str = "127.0.0.1:9092"  # Kafka bootstrap servers (host:port, comma-separated)
+    interactions_topic: str = "interactions"  # the topic the log is sent to
+    partitions: int = 4  # partitions of the topic if it is created
     k_core: int = 0                 # 5 = the offline protocol's filter; 0 = every event
     speed: float = 0.0              # log seconds per wall second; 0 = as fast as possible
     start: str = ""                 # log time to start at (epoch seconds or ISO 8601)
     progress_file: str = ""         # default: runs/replay/<source>-<topic>.json
-    progress: bool = True
+    progress: bool = True  # show a progress bar
 
 
 @dataclass

@@ -7,30 +7,33 @@ from dataclasses import dataclass
 
 @dataclass
 class StreamConfig:
-    broker: str = "127.0.0.1:9092"
+    broker: str = "127.0.0.1:9092"  # Kafka bootstrap servers (host:port, comma-separated)
+    # Faust app id: the consumer group and the table's changelog topic prefix.
     app_id: str = "mlsa4rec-scorer"
-    interactions_topic: str = "interactions"
-    recommendations_topic: str = "recommendations"
+    interactions_topic: str = "interactions"  # the topic clicks are read from
+    recommendations_topic: str = "recommendations"  # the topic recommendations are sent to
+    # Clicks that do not decode go here, the reason in a header.
     dead_letter_topic: str = "interactions-dlq"
-    partitions: int = 4                 # of interactions, its dead letters and the state table
-    replication: int = 1
+    partitions: int = 4                 # partitions of interactions, its dead letters, the table
+    replication: int = 1  # replication factor of the topics the worker creates
     # A batch goes to the model when the model is free: what arrived meanwhile, up to
     # batch_max (under load batches fill while the model works) ...
     batch_max: int = 256
     batch_wait_ms: int = 5              # ... and a quiet stream waits at most this for more
     pipeline_depth: int = 2             # batches scored ahead of the one being finished
-    top_k: int = 10
-    exclude_seen: bool = False
+    top_k: int = 10  # items per recommendation
+    exclude_seen: bool = False  # leave out items among the user's last 50
     producer_batch_bytes: int = 1_048_576   # per partition batch of the worker's producer
-    producer_linger_ms: float = 2.0
+    producer_linger_ms: float = 2.0  # how long the producer waits to fill a batch
     state_dtype: str = "float32"        # storage of the step state: float32 or float16
     checkpoint: str = "runs/ml-100k-mlsa4rec-s.pt"   # served until model-updates says otherwise
+    # The compacted topic new model versions are announced on.
     model_updates_topic: str = "model-updates"
     model_store: str = "runs/models"    # versions announced on model-updates live here
-    follow_model_updates: bool = True
+    follow_model_updates: bool = True  # swap to versions announced on model-updates
     rebuild_states: bool = True         # rebuild a user's state made by an older version...
     keep_states_for_versions: int = 5   # ...unless by one of its last N ancestors (fine-tunes)
-    device: str = "auto"
+    device: str = "auto"  # torch device: auto (cuda if available), cpu or cuda[:n]
     # On CPU, run the model's step as one traced graph: the model thread takes the GIL once per
     # batch instead of once per tensor op (docs/RESULTS.md, section 4c); false = eager.
     trace_step: bool = True
@@ -61,38 +64,38 @@ class StreamConfig:
     # How soon the group notices a dead worker and hands its partitions on (broker minimum: 6 s).
     session_timeout_s: float = 10.0
     shutdown_timeout_s: float = 30.0    # after SIGTERM/SIGINT, exit by then even if Kafka is gone
-    log_level: str = "info"
+    log_level: str = "info"  # debug, info, warning or error
     report_every_s: float = 10.0        # a progress line in the log at most this often
 
 
 @dataclass
 class TrainerConfig:
     """The online trainer (`mlsa4rec trainer`); env MLSA4REC_<FIELD> as for the worker."""
-    broker: str = "127.0.0.1:9092"
-    interactions_topic: str = "interactions"
-    partitions: int = 4
-    replication: int = 1
-    model_updates_topic: str = "model-updates"
-    group_id: str = "mlsa4rec-trainer"
+    broker: str = "127.0.0.1:9092"  # Kafka bootstrap servers (host:port, comma-separated)
+    interactions_topic: str = "interactions"  # the topic clicks are read from
+    partitions: int = 4  # partitions of the topics the trainer creates
+    replication: int = 1  # replication factor of the topics the trainer creates
+    model_updates_topic: str = "model-updates"  # where new versions are announced
+    group_id: str = "mlsa4rec-trainer"  # the trainer's consumer group
     checkpoint: str = "runs/ml-100k-mlsa4rec-s.pt"   # the first version, if none is announced
-    model_store: str = "runs/models"
-    buffer_dir: str = "runs/trainer-buffer"
+    model_store: str = "runs/models"  # where versions are published (a directory or an fsspec URL)
+    buffer_dir: str = "runs/trainer-buffer"  # the replay buffer on disk
     round_every_events: int = 2000      # a fine-tuning round after this many new events ...
     round_every_s: float = 10.0         # ... or this many seconds with at least one
     steps: int = 20                     # optimiser steps per round (~10 s on one CPU core)
-    batch_size: int = 64
-    lr: float = 1e-4
+    batch_size: int = 64  # sequences per optimiser step
+    lr: float = 1e-4  # learning rate of the fine-tuning rounds
     users_per_round: int = 512          # sequences drawn from the buffer per round
     margin: float = 0.02                # publish unless holdout NDCG@10 drops by more (relative)
     min_holdout: int = 20               # fewer held-out events: publish without judging
-    holdout_events: int = 500
-    max_seq_len: int = 200
-    recent_users: int = 2000
-    reservoir_users: int = 2000
+    holdout_events: int = 500  # newest events a round's copy is judged on before it is published
+    max_seq_len: int = 200  # longest sequence a round trains on (the most recent items)
+    recent_users: int = 2000  # users kept in the buffer because they clicked last
+    reservoir_users: int = 2000  # users kept in the buffer by reservoir sampling (older traffic)
     item_chunk: int = 256               # spare embedding rows added at a time for new items
     max_items: int = 1_000_000          # vocabulary cap: clicks on further new items are skipped
-    device: str = "auto"
-    threads: int = 0
-    seed: int = 0
-    log_level: str = "info"
+    device: str = "auto"  # torch device: auto (cuda if available), cpu or cuda[:n]
+    threads: int = 0  # torch CPU threads; 0 = torch's default
+    seed: int = 0  # random seed of the rounds' sampling
+    log_level: str = "info"  # debug, info, warning or error
     metrics_port: int = 9109            # Prometheus /metrics and /health; 0 = off

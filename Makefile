@@ -9,7 +9,7 @@ $(VENV)/.installed: pyproject.toml
 	$(VENV)/bin/pip install -q -e '.[dev]'
 	touch $@
 
-.PHONY: run test bench chromium
+.PHONY: run test test-under-load bench chromium
 run: $(VENV)/.installed
 	$(VENV)/bin/mlsa4rec demo
 
@@ -20,10 +20,15 @@ chromium:
 		&& DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1; } || true
 
 test: $(VENV)/.installed chromium
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q --durations=10
+
+# The end-to-end tests with two busy processes and 2 GB held beside them (docs/RELIABILITY.md).
+test-under-load: $(VENV)/.installed
+	$(VENV)/bin/python tests/run_under_load.py
 
 bench: $(VENV)/.installed
 	$(VENV)/bin/python bench/train_speed.py
 	$(VENV)/bin/python bench/step_speed.py
 	$(VENV)/bin/python bench/stream_throughput.py
 	$(VENV)/bin/python bench/model_updates.py
+	$(VENV)/bin/python bench/query_latency.py

@@ -25,10 +25,11 @@ from model.models.base import OOV
 log = logging.getLogger(__name__)
 
 
-def traced_step(model, device="cpu", example_batch: int = 8, tolerance: float = 1e-5):
+def traced_step(model, device="cpu", example_batch: int = 8, tolerance: float = 1e-5,
+                scores: bool = True):
     """fn(state, item_ids) -> (state, user_repr (batch, hidden), scores (batch, n_items)),
     equal to `model.step` + `model.scores`, advancing `state` in place like `model.step`; or
-    None."""
+    None. scores=False: (state, user_repr) only (a catalogue ranked block by block)."""
     if not getattr(model, "steppable", False) or not hasattr(model, "step_vectors"):
         return None
     frozen = [p for p in model.parameters() if p.requires_grad]
@@ -45,6 +46,8 @@ def traced_step(model, device="cpu", example_batch: int = 8, tolerance: float = 
                 vectors = model.item_embedding(item_ids.clamp(min=0))
                 vectors = torch.where((item_ids == OOV).unsqueeze(-1), unknown_vector, vectors)
                 state, user_repr = model.step_vectors(state, vectors)
+                if not scores:
+                    return state, user_repr
                 return state, user_repr, model.scores(user_repr)
 
             state, items = _example(model, example_batch, device)
@@ -80,8 +83,9 @@ def _agrees(model, step, batch: int, device, tolerance: float) -> bool:
     state, items = _example(model, batch, device)
     eager_state, user_repr = model.step({k: v.clone() for k, v in state.items()}, items)
     eager_scores = model.scores(user_repr)
-    traced_state, traced_repr, traced_scores = step({k: v.clone() for k, v in state.items()},
-                                                    items)
+    traced_state, traced_repr, *traced_scores = step({k: v.clone() for k, v in state.items()},
+                                                     items)
+    traced_scores = traced_scores[0] if traced_scores else eager_scores
     finite = torch.isfinite(eager_scores)
     return (torch.allclose(user_repr, traced_repr, atol=tolerance)
             and torch.equal(finite, torch.isfinite(traced_scores))

@@ -22,6 +22,9 @@ class StreamConfig:
     batch_wait_ms: int = 5              # ... and a quiet stream waits at most this for more
     pipeline_depth: int = 2             # batches scored ahead of the one being finished
     top_k: int = 10  # items per recommendation
+    # Catalogues of more items are ranked exactly, block by block of this many items: memory
+    # (batch x this) floats instead of (batch x items) (model/ranking.py).
+    exact_rank_items: int = 65_536
     exclude_seen: bool = False  # leave out items among the user's last 50
     producer_batch_bytes: int = 1_048_576   # per partition batch of the worker's producer
     producer_linger_ms: float = 2.0  # how long the producer waits to fill a batch

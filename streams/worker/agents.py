@@ -375,7 +375,7 @@ class ScoringAgent:
         """Swap to this model before the next batch (any thread); a newer call wins. Its step
         is traced here, in the caller's thread (the model watcher's): tracing takes a second or
         more on a busy machine, which the model thread would spend not scoring."""
-        traced = self.scorer.trace_for(model)
+        traced = self.scorer.trace_for(model, len(item_ids))
         with self._next_model_lock:
             skipped = self._next_model
             if skipped is not None and parent == skipped[2]:

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from model.models.base import OOV
+from model.ranking import top_k
 from model.state import blob_fits, states_from_bytes, states_to_bytes
 from model.traced import traced_step
 from model.vocab import mask_spare_rows
@@ -131,11 +132,17 @@ class Scorer:
                  exclude_seen: bool = False, state_dtype=torch.float32,
                  history_len: int = HISTORY_LEN, rebuild_states: bool = True,
                  keep_states_for_versions: int = 0, offsets_of: str = "",
-                 trace_step: bool = False):
+                 trace_step: bool = False, exact_rank_items: int = 65_536):
         """offsets_of: identity of the topic the events' offsets count in (the worker passes
         the Kafka topic id of `interactions`): a record whose offsets count in another topic,
         one deleted and created again under the same name, does not judge these events by
-        offset ("" = unknown: offsets are trusted)."""
+        offset ("" = unknown: offsets are trusted).
+
+        exact_rank_items: a catalogue of more items is ranked block by block, this many items
+        at a time (model/ranking.py: the same top k, without a (batch x items) matrix)."""
+        if exact_rank_items < 1:
+            raise ValueError(f"exact_rank_items must be at least 1, not {exact_rank_items}")
+        self.exact_rank_items = exact_rank_items
         self.offsets_of = offsets_of
         # On CPU the step runs as one traced graph (model/traced.py): the GIL once per batch,
         # not once per tensor op, which the worker's event loop thread would otherwise hold up.
@@ -149,13 +156,22 @@ class Scorer:
         self.rebuild_states = rebuild_states
         self.keep_states_for_versions = keep_states_for_versions
         self.template = self._template(self.model)
-        self.traced = traced_step(self.model, self.device) if self.trace_step else None
+        self.traced = self.trace_for(self.model, len(self.item_ids))
         # Versions whose states this one keeps: itself (0) and its recent ancestors (1, 2, ...).
         self.lineage = {version: 0}
 
-    def trace_for(self, model):
-        """The traced step this scorer would use for `model` (None: eager)."""
-        return traced_step(model.to(self.device).eval(), self.device) if self.trace_step else None
+    def blocked(self, n_items: int | None = None) -> bool:
+        """Rank block by block: the catalogue is larger than exact_rank_items."""
+        return (len(self.item_ids) if n_items is None else n_items) > self.exact_rank_items
+
+    def trace_for(self, model, n_items: int | None = None):
+        """The traced step this scorer would use for `model` serving `n_items` items (None:
+        eager); without the scores when the catalogue is ranked block by block."""
+        if not self.trace_step:
+            return None
+        n_items = model.item_embedding.num_embeddings if n_items is None else n_items
+        return traced_step(model.to(self.device).eval(), self.device,
+                           scores=not self.blocked(n_items))
 
     def swap(self, model, item_ids: list[str], version: str, parent: str | None = None,
              traced=False) -> None:
@@ -178,7 +194,8 @@ class Scorer:
         self.version = version
         self.template = self._template(self.model)
         # traced: from trace_for(model) (False: trace here)
-        self.traced = self.trace_for(self.model) if traced is False else traced
+        self.traced = self.trace_for(self.model, len(self.item_ids)) if traced is False \
+            else traced
 
     def _template(self, model):
         """One user's initial state, USER_REPR included; None for window models."""
@@ -416,27 +433,39 @@ class Scorer:
                     {k: v.index_select(0, index) for k, v in states.items()}, items)
                 for k, v in new_states.items():
                     states[k].index_copy_(0, index, v)
+            user_repr = new_states[USER_REPR]
         else:
-            scores = self.model.scores(self._window_repr(
-                [records[u].history[-self.history_len:] for u in users]))
-        scores = mask_spare_rows(scores, len(self.item_ids))
+            user_repr = self._window_repr([records[u].history[-self.history_len:]
+                                           for u in users])
+            scores = None if self.blocked() else self.model.scores(user_repr)
+        seen = None
         if self.exclude_seen:
-            for row, user in enumerate(users):
-                seen = [self.index[raw] for raw in records[user].history[-self.history_len:]
-                        if raw in self.index]
-                scores[row, seen] = -torch.inf
-        k = min(self.top_k, len(self.item_ids) - 1)
-        top_scores, top_items = torch.topk(scores, k, dim=1)
+            seen = [[self.index[raw] for raw in records[user].history[-self.history_len:]
+                     if raw in self.index] for user in users]
+        top_scores, top_items = self._top(user_repr, scores, self.top_k, seen)
         return events, top_items, top_scores
 
+    def _top(self, user_repr, scores, k: int, seen: list[list[int]] | None):
+        """(scores, item indices) of the best k: from `scores` (every item's), or, for a
+        catalogue ranked block by block (scores None), from `user_repr`."""
+        if scores is None:
+            return top_k(user_repr.float(), self.model.item_embedding.weight, k,
+                         len(self.item_ids), self.exact_rank_items, seen)
+        scores = mask_spare_rows(scores, len(self.item_ids))
+        for row, items in enumerate(seen or []):
+            scores[row, items] = -torch.inf
+        return torch.topk(scores, min(k, len(self.item_ids) - 1), dim=1)
+
     def _step(self, states, items):
-        """(advanced states, USER_REPR included, scores of every item row)."""
+        """(advanced states, USER_REPR included, scores of every item row or None where the
+        catalogue is ranked block by block)."""
         model_states = {k: v for k, v in states.items() if k != USER_REPR}
         if self.traced is not None:
-            new_states, user_repr, scores = self.traced(model_states, items)
+            new_states, user_repr, *scores = self.traced(model_states, items)
+            scores = scores[0] if scores else None
         else:
             new_states, user_repr = self.model.step(model_states, items)
-            scores = self.model.scores(user_repr)
+            scores = None if self.blocked() else self.model.scores(user_repr)
         new_states = dict(new_states)
         new_states[USER_REPR] = user_repr
         return new_states, scores
@@ -454,20 +483,18 @@ class Scorer:
         history = record.history[-self.history_len:]
         how = "state"
         if self.template is None:
-            scores = self.model.scores(self._window_repr([history]))
+            user_repr, how = self._window_repr([history]), "history"
+        elif (user_repr is None or record.last_version != self.version
+              or not torch.isfinite(user_repr).all()):
+            _, user_repr = self.model.prefill(*self._padded([history]))
             how = "history"
-        else:
-            if (user_repr is None or record.last_version != self.version
-                    or not torch.isfinite(user_repr).all()):
-                _, user_repr = self.model.prefill(*self._padded([history]))
-                how = "history"
-            scores = self.model.scores(user_repr.to(self.device))
-        scores = mask_spare_rows(scores, len(self.item_ids))
-        if exclude_seen:
-            seen = [self.index[raw] for raw in history if raw in self.index]
-            scores[0, seen] = -torch.inf
-        top_scores, top_items = torch.topk(scores[0], min(k, len(self.item_ids) - 1))
-        return [(self.item_ids[i], s) for i, s in zip(top_items.tolist(), top_scores.tolist())
+        user_repr = user_repr.to(self.device).float()
+        scores = None if self.blocked() else self.model.scores(user_repr)
+        seen = [[self.index[raw] for raw in history if raw in self.index]] if exclude_seen \
+            else None
+        top_scores, top_items = self._top(user_repr, scores, k, seen)
+        return [(self.item_ids[i], s) for i, s in zip(top_items[0].tolist(),
+                                                      top_scores[0].tolist())
                 if s != -math.inf], how
 
     def _window_repr(self, histories: list[list[str]]):

@@ -85,7 +85,7 @@ class Worker:
                      "--model-updates-topic", f"model-updates-{name}",
                      "--metrics-port", str(self.metrics_port), "--advertised-host", "127.0.0.1",
                      "--model-store", str(tmp_path / "models"),
-                     "--batch-max", "16", "--batch-wait-ms", "20", "--log-level", os.environ.get("TEST_WORKER_LOG_LEVEL", "warning"),
+                     "--batch-max", "16", "--batch-wait-ms", "20", "--log-level", os.environ.get("TEST_WORKER_LOG_LEVEL", "info"),
                      "--report-every-s", "0"]
         self.log = tmp_path / f"worker-{name}.log"
         self.bootstrap, self.name = bootstrap, name

@@ -196,7 +196,10 @@ class ScoringAgent:
         queue = stream.channel.queue
         limit = self.cfg.batch_max
         while True:
-            batch = [await queue.get()]
+            try:
+                batch = [await queue.get()]
+            except StopAsyncIteration:      # Faust stops the agent: thrown into its channel
+                return
             while len(batch) < limit and not queue.empty():
                 batch.append(queue.get_nowait())
             if not self.pending:

@@ -243,3 +243,33 @@ def test_a_state_stored_before_the_user_representation_reads_and_goes_on_exactly
     reloaded = scorer.load(["u"], {"u": records["u"]}, {}, BatchStats())
     assert torch.isfinite(reloaded[USER_REPR]).all()
     assert scorer.rank_user(records["u"], reloaded[USER_REPR], 10, False)[1] == "state"
+
+
+def test_a_stall_is_reported_once_with_the_consumers_state_and_never_stops_the_worker(caplog):
+    import types
+
+    from streams.worker import agents
+
+    calls = []
+
+    def state():
+        calls.append(1)
+        return True, {"partitions": {0: {"end": 9, "read": 3, "paused": True}}}
+    agent = types.SimpleNamespace(input_state=state, stall_reported=False,
+                                  last_event_at=agents.time.monotonic())
+    agents.ScoringAgent.check_stall(agent)
+    assert not calls                                  # a click came recently: nothing asked
+    agent.last_event_at -= agents.STALL_S + 1
+    with caplog.at_level("WARNING"):
+        agents.ScoringAgent.check_stall(agent)
+        agents.ScoringAgent.check_stall(agent)
+    warnings = [r.getMessage() for r in caplog.records if "no click for" in r.getMessage()]
+    assert len(warnings) == 1 and "'paused': True" in warnings[0] and len(calls) == 1
+
+    def broken():
+        raise KeyError("not assigned")
+    agent = types.SimpleNamespace(input_state=broken, stall_reported=False,
+                                  last_event_at=agents.time.monotonic() - 100)
+    with caplog.at_level("WARNING"):
+        agents.ScoringAgent.check_stall(agent)         # no exception: the worker goes on
+    assert "could not be read: KeyError('not assigned')" in caplog.text

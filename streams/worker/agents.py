@@ -80,6 +80,10 @@ class Job:
     sent: asyncio.Future | None = None      # its recommendations acknowledged
 
 
+# No click for this long while the input partitions have lag: the log says what the consumer
+# and the flow control look like (docs/RELIABILITY.md: a restarted worker that got nothing).
+STALL_S = 10.0
+
 FAULT_POINTS = ("after_consume", "after_score", "after_produce", "after_state_write", "after_ack")
 RAISE_IN_SCORING = "raise_in_scoring"       # an exception, not an exit: what a bug would do
 # These happen at flushes only: they fire at the first flush of a batch at or after the number.
@@ -102,13 +106,17 @@ def parse_fault(text: str) -> tuple[str, int] | None:
 class ScoringAgent:
     def __init__(self, cfg, scorer, recommendations, dead_letters, table,
                  recovery=None, metrics=None, highwater=None, on_failure=None,
-                 producer_factory=None):
+                 producer_factory=None, input_state=None):
         """recommendations: the output topic (Faust), used without `producer_factory`;
         producer_factory(loop) -> streams.worker.producer.AsyncProducer, which sends the
         recommendations instead (librdkafka batches in C; one Python call per batch); metrics:
         streams.shared.metrics.WorkerMetrics or None; highwater(tp) -> the partition's end
         offset (for the lag gauge); on_failure(exc): called once if a batch fails (the worker
-        crashes itself: create_app)."""
+        crashes itself: create_app); input_state() -> (lagging, details): whether the input
+        partitions have clicks not yet read, and the consumer's state (for the stall warning)."""
+        self.input_state = input_state
+        self.last_event_at = time.monotonic()
+        self.stall_reported = False
         self.cfg, self.scorer, self.table, self.recovery = cfg, scorer, table, recovery
         self.on_failure = on_failure or (lambda exc: None)
         self.failure: BaseException | None = None
@@ -202,6 +210,8 @@ class ScoringAgent:
                 return
             while len(batch) < limit and not queue.empty():
                 batch.append(queue.get_nowait())
+            self.last_event_at = time.monotonic()
+            self.stall_reported = False
             if not self.pending:
                 self.first_pending_at = time.monotonic()
             self.pending.extend(batch)
@@ -290,6 +300,25 @@ class ScoringAgent:
                 # A new version goes in before a batch; on a quiet stream this is the batch,
                 # so that requests (`answer`) get it without waiting for a click.
                 self.request_flush()
+            self.check_stall()
+
+    def check_stall(self) -> None:
+        """Warn once if no click has come for STALL_S while the input partitions have clicks
+        not yet read, with the consumer's state (the cause of such stalls is still open)."""
+        idle = time.monotonic() - self.last_event_at
+        if self.input_state is None or self.stall_reported or idle < STALL_S:
+            return
+        try:
+            lagging, details = self.input_state()
+        except Exception as exc:        # noqa: BLE001 - a diagnostic must not stop the worker
+            self.stall_reported = True
+            log.warning("no click for %.0f s; the consumer's state could not be read: %r",
+                        idle, exc)
+            return
+        if lagging:
+            self.stall_reported = True
+            log.warning("no click for %.0f s while the input has clicks not read: %s",
+                        idle, details)
 
     async def flush_now(self) -> None:
         """Flush everything scored so far and wait until it is written and acked (a clean

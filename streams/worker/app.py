@@ -107,7 +107,8 @@ def create_app(cfg: StreamConfig, scorer: Scorer, metrics: WorkerMetrics | None 
         highwater=lambda tp: app.consumer.highwater(tp),
         on_failure=lambda exc: asyncio.ensure_future(app.crash(exc)),
         producer_factory=lambda loop: AsyncProducer(
-            producer_config(cfg.broker, linger_ms=cfg.producer_linger_ms), loop))
+            producer_config(cfg.broker, linger_ms=cfg.producer_linger_ms), loop),
+        input_state=lambda: input_state(app, cfg.interactions_topic))
     tell_agent_of_rebalances(app, agent)
 
     # An exception in the agent stops the worker (CrashingSupervisor). Faust's default would
@@ -123,6 +124,28 @@ def create_app(cfg: StreamConfig, scorer: Scorer, metrics: WorkerMetrics | None 
         await agent.run(stream)
 
     return app, agent
+
+
+def input_state(app, topic: str) -> tuple[bool, dict]:
+    """(lagging, details): whether an assigned partition of `topic` has clicks past the last
+    one read, and what Faust's consumer and flow control say of each partition."""
+    consumer = app.consumer
+    tps = sorted((tp for tp in consumer.assignment() if tp.topic == topic),
+                 key=lambda tp: tp.partition)
+    partitions, lagging = {}, False
+    for tp in tps:
+        end, read = consumer.highwater(tp), consumer._read_offset.get(tp)
+        behind = end is not None and end > (read + 1 if read is not None else 0)
+        lagging = lagging or behind
+        partitions[tp.partition] = {
+            "end": end, "read": read, "committed": consumer._committed_offset.get(tp),
+            "active": tp in (consumer._active_partitions or ()),
+            "paused": tp in consumer._paused_partitions,
+            "buffer_full": tp in consumer._buffered_partitions}
+    return lagging, {"partitions": partitions,
+                     "flow_control_active": app.flow_control.is_active(),
+                     "consumer_flow_suspended": consumer.suspend_flow.is_set(),
+                     "in_recovery": app.tables.recovery.in_recovery}
 
 
 def worker_url(cfg: StreamConfig) -> str:

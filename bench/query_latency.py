@@ -33,9 +33,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.stream_throughput import (  # noqa: E402
-    backlog_phase, clicks, latency_phase, produce, run_worker, stop, write_checkpoints)
+    PARTITIONS, backlog_phase, clicks, latency_phase, produce, run_worker, stop,
+    write_checkpoints)
 from bench.throughput_parts import N_USERS, Traffic  # noqa: E402
-from bench.stream_throughput import PARTITIONS  # noqa: E402
 from streams.shared.local_broker import free_ports  # noqa: E402
 from streams.shared.topics import ensure_topics  # noqa: E402
 from tests.kafka_broker import kafka_bootstrap  # noqa: E402

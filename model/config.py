@@ -80,15 +80,20 @@ def add_arguments(parser: argparse.ArgumentParser, cls) -> None:
     descriptions = field_help(cls)
     for field in dataclasses.fields(cls):
         kind = _field_type(cls, field)
-        default = field.default if field.default is not dataclasses.MISSING else None
-        shown = f"{default!r}" if isinstance(default, str) else str(default).lower() \
-            if isinstance(default, bool) else str(default)
         text = descriptions.get(field.name, "")
         help_text = (f"{text} " if text else "") + (
-            f"({kind.__name__}, default {shown}; env MLSA4REC_{field.name.upper()})")
+            f"({kind.__name__}, default {_shown(field.default)}; "
+            f"env MLSA4REC_{field.name.upper()})")
         parser.add_argument(f"--{field.name.replace('_', '-')}", dest=field.name,
                             type=_converter(kind), default=None,
                             metavar=kind.__name__.upper(), help=help_text.replace("%", "%%"))
+
+
+def _shown(default) -> str:
+    """A default as one types it: strings quoted, booleans as true/false."""
+    if isinstance(default, str):
+        return repr(default)
+    return str(default).lower() if isinstance(default, bool) else str(default)
 
 
 def _converter(kind):

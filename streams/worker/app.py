@@ -157,6 +157,7 @@ def recommendations_endpoint(cfg: StreamConfig, app, agent) -> RecommendationsEn
     """GET /users/{id}/recommendations, answered here for the partitions this worker owns and
     forwarded to the owner of any other (Faust's assignment knows each partition's)."""
     changelog = agent.table.table.changelog_topic.get_topic_name()
+    me = worker_url(cfg)
 
     def owner(user_id: str) -> str | None:
         if agent.rebalancing:
@@ -166,9 +167,9 @@ def recommendations_endpoint(cfg: StreamConfig, app, agent) -> RecommendationsEn
             return "self"
         for url, topics in app.assignor.changelog_distribution.items():
             if partition in topics.get(changelog, ()):
-                return "self" if url == worker_url(cfg) else url
+                return "self" if url == me else url
         return None
-    return RecommendationsEndpoint(agent.answer, owner, worker_url(cfg), token=cfg.api_token,
+    return RecommendationsEndpoint(agent.answer, owner, me, token=cfg.api_token,
                                    timeout_s=cfg.query_timeout_s, default_k=cfg.top_k)
 
 

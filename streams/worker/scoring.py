@@ -296,8 +296,9 @@ class Scorer:
         blobs, fresh, rebuild, replay = {}, [], [], {}
         for user in users:
             record = records[user]
-            if record.state and self.in_lineage(record) and self._with_repr(record.state):
-                blobs[user] = self._with_repr(record.state)
+            embedded = self._with_repr(record.state) if record.state else None
+            if embedded and self.in_lineage(record):
+                blobs[user] = embedded
             elif record.snapshot_at >= 0 and self.in_lineage(record):
                 applied, blob = record.snapshot_at, None
                 if applied > 0:
@@ -437,7 +438,7 @@ class Scorer:
         else:
             user_repr = self._window_repr([records[u].history[-self.history_len:]
                                            for u in users])
-            scores = None if self.blocked() else self.model.scores(user_repr)
+            scores = None
         seen = None
         if self.exclude_seen:
             seen = [[self.index[raw] for raw in records[user].history[-self.history_len:]
@@ -446,8 +447,11 @@ class Scorer:
         return events, top_items, top_scores
 
     def _top(self, user_repr, scores, k: int, seen: list[list[int]] | None):
-        """(scores, item indices) of the best k: from `scores` (every item's), or, for a
-        catalogue ranked block by block (scores None), from `user_repr`."""
+        """(scores, item indices) of the best k: from `scores` (every item's: the traced
+        step's, or computed here), or, for a catalogue ranked block by block, from
+        `user_repr` a block at a time."""
+        if scores is None and not self.blocked():
+            scores = self.model.scores(user_repr)
         if scores is None:
             return top_k(user_repr.float(), self.model.item_embedding.weight, k,
                          len(self.item_ids), self.exact_rank_items, seen)
@@ -465,7 +469,7 @@ class Scorer:
             scores = scores[0] if scores else None
         else:
             new_states, user_repr = self.model.step(model_states, items)
-            scores = None if self.blocked() else self.model.scores(user_repr)
+            scores = None                       # _top scores every item, or block by block
         new_states = dict(new_states)
         new_states[USER_REPR] = user_repr
         return new_states, scores
@@ -489,10 +493,9 @@ class Scorer:
             _, user_repr = self.model.prefill(*self._padded([history]))
             how = "history"
         user_repr = user_repr.to(self.device).float()
-        scores = None if self.blocked() else self.model.scores(user_repr)
         seen = [[self.index[raw] for raw in history if raw in self.index]] if exclude_seen \
             else None
-        top_scores, top_items = self._top(user_repr, scores, k, seen)
+        top_scores, top_items = self._top(user_repr, None, k, seen)
         return [(self.item_ids[i], s) for i, s in zip(top_items[0].tolist(),
                                                       top_scores[0].tolist())
                 if s != -math.inf], how

@@ -25,6 +25,13 @@ class StreamConfig:
     # Catalogues of more items are ranked exactly, block by block of this many items: memory
     # (batch x this) floats instead of (batch x items) (model/ranking.py).
     exact_rank_items: int = 65_536
+    # Catalogues of more items are ranked by an approximate index of the item embeddings
+    # (model/item_index.py, faiss IVF; docs/RESULTS.md, section 4i); up to this many, exactly.
+    ann_items: int = 100_000
+    # auto: the index above --ann-items if faiss is installed, else exact block by block (a
+    # warning logged); faiss: the same, but an error at start without faiss; exact: never.
+    ann: str = "auto"
+    ann_probe: int = 32     # index lists searched per user: more, higher recall and slower
     exclude_seen: bool = False  # leave out items among the user's last 50
     producer_batch_bytes: int = 1_048_576   # per partition batch of the worker's producer
     producer_linger_ms: float = 2.0  # how long the producer waits to fill a batch

@@ -408,11 +408,12 @@ class ScoringAgent:
         is traced here, in the caller's thread (the model watcher's): tracing takes a second or
         more on a busy machine, which the model thread would spend not scoring."""
         traced = self.scorer.trace_for(model, len(item_ids))
+        ann_index = self.scorer.index_for(model, len(item_ids))    # as slow: also here
         with self._next_model_lock:
             skipped = self._next_model
             if skipped is not None and parent == skipped[2]:
                 parent = skipped[3]       # its parent never served: the lineage goes through
-            self._next_model = (model, item_ids, version, parent, traced)
+            self._next_model = (model, item_ids, version, parent, traced, ann_index)
 
     def score(self, batch: list, number: int, flush: bool = False) -> Scored:
         """The model thread's part of batch `number`."""

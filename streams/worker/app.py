@@ -67,7 +67,8 @@ def build_scorer(cfg: StreamConfig) -> Scorer:
                   state_dtype=STATE_DTYPES[cfg.state_dtype], rebuild_states=cfg.rebuild_states,
                   keep_states_for_versions=cfg.keep_states_for_versions,
                   offsets_of=topic_id(cfg.broker, cfg.interactions_topic),
-                  trace_step=cfg.trace_step, exact_rank_items=cfg.exact_rank_items)
+                  trace_step=cfg.trace_step, exact_rank_items=cfg.exact_rank_items,
+                  ann=cfg.ann, ann_items=cfg.ann_items, ann_probe=cfg.ann_probe)
 
 
 def create_app(cfg: StreamConfig, scorer: Scorer, metrics: WorkerMetrics | None = None):

@@ -23,6 +23,7 @@ history.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import struct
 import time
@@ -31,6 +32,7 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 import torch
 
+from model.item_index import IndexUnavailable, ItemIndex, faiss_available
 from model.models.base import OOV
 from model.ranking import top_k
 from model.state import blob_fits, states_from_bytes, states_to_bytes
@@ -46,6 +48,11 @@ NO_SNAPSHOT = -1
 # keys (model/state.py lays rows out in key order), so a row stored without it is a prefix.
 USER_REPR = "~user_repr"
 _SNAPSHOT_HEAD = struct.Struct(">QH")
+# How a large catalogue is ranked: "auto" = the approximate index (model/item_index.py) above
+# ann_items when faiss is installed, else exact; "faiss" = the index, an error without faiss;
+# "exact" = never the index.
+ANN_MODES = ("auto", "faiss", "exact")
+log = logging.getLogger(__name__)
 
 
 def snapshot_key(user_key: bytes) -> bytes:
@@ -132,17 +139,26 @@ class Scorer:
                  exclude_seen: bool = False, state_dtype=torch.float32,
                  history_len: int = HISTORY_LEN, rebuild_states: bool = True,
                  keep_states_for_versions: int = 0, offsets_of: str = "",
-                 trace_step: bool = False, exact_rank_items: int = 65_536):
+                 trace_step: bool = False, exact_rank_items: int = 65_536,
+                 ann: str = "exact", ann_items: int = 100_000, ann_probe: int = 32):
         """offsets_of: identity of the topic the events' offsets count in (the worker passes
         the Kafka topic id of `interactions`): a record whose offsets count in another topic,
         one deleted and created again under the same name, does not judge these events by
         offset ("" = unknown: offsets are trusted).
 
         exact_rank_items: a catalogue of more items is ranked block by block, this many items
-        at a time (model/ranking.py: the same top k, without a (batch x items) matrix)."""
+        at a time (model/ranking.py: the same top k, without a (batch x items) matrix).
+        ann, ann_items, ann_probe: a catalogue of more than ann_items items is ranked by an
+        approximate index (ANN_MODES says when), ann_probe of its lists searched per user."""
         if exact_rank_items < 1:
             raise ValueError(f"exact_rank_items must be at least 1, not {exact_rank_items}")
+        if ann not in ANN_MODES:
+            raise ValueError(f"ann must be one of {ANN_MODES}, not {ann!r}")
+        if ann == "faiss" and not faiss_available():
+            raise IndexUnavailable("--ann faiss: faiss is not installed "
+                                   "(pip install -e '.[ann]'); --ann auto ranks exactly without it")
         self.exact_rank_items = exact_rank_items
+        self.ann, self.ann_items, self.ann_probe = ann, ann_items, ann_probe
         self.offsets_of = offsets_of
         # On CPU the step runs as one traced graph (model/traced.py): the GIL once per batch,
         # not once per tensor op, which the worker's event loop thread would otherwise hold up.
@@ -157,6 +173,7 @@ class Scorer:
         self.keep_states_for_versions = keep_states_for_versions
         self.template = self._template(self.model)
         self.traced = self.trace_for(self.model, len(self.item_ids))
+        self.ann_index = self.index_for(self.model, len(self.item_ids))
         # Versions whose states this one keeps: itself (0) and its recent ancestors (1, 2, ...).
         self.lineage = {version: 0}
 
@@ -171,10 +188,28 @@ class Scorer:
             return None
         n_items = model.item_embedding.num_embeddings if n_items is None else n_items
         return traced_step(model.to(self.device).eval(), self.device,
-                           scores=not self.blocked(n_items))
+                           scores=not (self.blocked(n_items) or self.indexed(n_items)))
+
+    def indexed(self, n_items: int) -> bool:
+        """A catalogue of n_items items is ranked by the approximate index."""
+        return self.ann != "exact" and n_items > self.ann_items and faiss_available()
+
+    def index_for(self, model, n_items: int):
+        """The approximate index of `model`'s item embeddings this scorer would rank n_items
+        items with; None: ranked exactly. Seconds for a million items: the worker builds it
+        beside the traced step, in the model watcher's thread."""
+        if self.ann == "exact" or n_items <= self.ann_items:
+            return None
+        if not faiss_available():
+            log.warning("%d items: above --ann-items %d, but faiss is not installed "
+                        "(pip install -e '.[ann]'): ranked exactly, block by block",
+                        n_items, self.ann_items)
+            return None
+        return ItemIndex.build(model.item_embedding.weight, n_items, probe=self.ann_probe,
+                               threads=torch.get_num_threads())
 
     def swap(self, model, item_ids: list[str], version: str, parent: str | None = None,
-             traced=False) -> None:
+             traced=False, ann_index=False) -> None:
         """Serve another model version from the next batch on.
 
         A state started by the new version's parent, or by one of its ancestors up to
@@ -196,6 +231,10 @@ class Scorer:
         # traced: from trace_for(model) (False: trace here)
         self.traced = self.trace_for(self.model, len(self.item_ids)) if traced is False \
             else traced
+        # ann_index: from index_for(model) (False: build here); a new version's embeddings
+        # (new weights, new items) always get a new index.
+        self.ann_index = self.index_for(self.model, len(self.item_ids)) \
+            if ann_index is False else ann_index
 
     def _template(self, model):
         """One user's initial state, USER_REPR included; None for window models."""
@@ -449,7 +488,9 @@ class Scorer:
     def _top(self, user_repr, scores, k: int, seen: list[list[int]] | None):
         """(scores, item indices) of the best k: from `scores` (every item's: the traced
         step's, or computed here), or, for a catalogue ranked block by block, from
-        `user_repr` a block at a time."""
+        `user_repr` a block at a time, or from the approximate index."""
+        if self.ann_index is not None:
+            return self.ann_index.search(user_repr.float(), k, seen)
         if scores is None and not self.blocked():
             scores = self.model.scores(user_repr)
         if scores is None:

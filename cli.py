@@ -131,11 +131,12 @@ def cmd_replay(args) -> int:
 
 
 def cmd_evaluate_stream(args) -> int:
-    from streams.shared.config import StreamConfig
+    from streams.shared.config import StreamConfig, use_configured_schemas
     from streams.replay.evaluation import run_evaluate_stream
     from streams.replay.report import write_report
 
     cfg = typed_config.build(StreamConfig, args)
+    use_configured_schemas(cfg)
     result = run_evaluate_stream(cfg.broker, cfg.interactions_topic, cfg.recommendations_topic,
                                  args.out, idle_timeout_s=args.idle_timeout,
                                  expect_recommendations=args.expect)
@@ -151,9 +152,10 @@ def cmd_produce(args) -> int:
     clicks from stdin or a pipe (which cannot be read twice) are sent as they come, and a bad
     one stops there, saying how many went."""
     from streams.shared.clients import BadClick, check_clicks, produce_clicks, read_clicks
-    from streams.shared.config import StreamConfig
+    from streams.shared.config import StreamConfig, use_configured_schemas
 
     cfg = typed_config.build(StreamConfig, args)
+    use_configured_schemas(cfg)         # clicks are checked and sent with the registry's ids
     whole_file = args.source != "-" and os.path.isfile(args.source)
     try:
         if whole_file:
@@ -169,9 +171,10 @@ def cmd_produce(args) -> int:
 
 def cmd_tail(args) -> int:
     from streams.shared.clients import tail_recommendations
-    from streams.shared.config import StreamConfig
+    from streams.shared.config import StreamConfig, use_configured_schemas
 
     cfg = typed_config.build(StreamConfig, args)
+    use_configured_schemas(cfg)
     for rec in tail_recommendations(cfg.broker, cfg.recommendations_topic, args.from_beginning,
                                     args.max, args.idle_timeout):
         print(json.dumps(rec), flush=True)

@@ -14,6 +14,8 @@ Schema ids come from a "schema source", either
   * PinnedSchemas   - fixed ids from schemas/ids.json, no network, or
   * RegistrySchemas - a Confluent-compatible Schema Registry.
 Both offer: id_for(full_name, schema) -> int and schema_for(id) -> parsed schema.
+encode_interaction & co. and RecommendationWriter use the pinned ids unless the process
+called use_schema_registry(url) (the commands' --schema-registry-url).
 
 Timestamps: encode accepts int epoch millis or a tz-aware datetime.  Decode
 returns int epoch millis by default (timestamps="millis"), because the rest of
@@ -67,6 +69,11 @@ class DecodeError(ValueError):
 
 class EncodeError(DecodeError):
     """Encode-side failure; subclass so one `except DecodeError` catches both."""
+
+
+class RegistryError(RuntimeError):
+    """The schema registry could not register a schema (unreachable, refused): a configuration
+    problem, never a bad message, so not a DecodeError."""
 
 
 # --------------------------------------------------------------------------
@@ -214,8 +221,9 @@ class RegistrySchemas:
 
     DEFAULT_TOPICS = {"Interaction": "interactions", "Recommendation": "recommendations"}
 
-    def __init__(self, client: Any, topics: Mapping[str, str] | None = None):
+    def __init__(self, client: Any, topics: Mapping[str, str] | None = None, url: str = ""):
         self.client = client
+        self.url = url  # only for error messages
         self.topics = dict(self.DEFAULT_TOPICS if topics is None else topics)
         self._make_schema = _schema_factory()
         self._ids: dict[tuple[str, str], int] = {}
@@ -227,7 +235,7 @@ class RegistrySchemas:
         """Build with a real SchemaRegistryClient ({'url': url, **conf})."""
         from confluent_kafka.schema_registry import SchemaRegistryClient
 
-        return cls(SchemaRegistryClient({"url": url, **conf}), topics)
+        return cls(SchemaRegistryClient({"url": url, **conf}), topics, url)
 
     def subject_for(self, full_name: str) -> str:
         short = _short_name(full_name)
@@ -243,9 +251,13 @@ class RegistrySchemas:
         with self._lock:
             sid = self._ids.get(key)
             if sid is None:
-                # Registry errors (incompatible schema, network) propagate:
-                # they are configuration problems, not bad messages.
-                sid = int(self.client.register_schema(subject, self._make_schema(schema_str, "AVRO")))
+                # Registry errors (incompatible schema, network) are configuration
+                # problems, not bad messages: RegistryError, naming registry and subject.
+                try:
+                    sid = int(self.client.register_schema(subject, self._make_schema(schema_str, "AVRO")))
+                except Exception as e:
+                    raise RegistryError(f"schema registry {self.url or ''}: cannot register "
+                                        f"{full_name} under {subject}: {type(e).__name__}: {e}") from e
                 self._ids[key] = sid
                 self._schemas.setdefault(sid, _parse(json.loads(schema_str)))
             return sid
@@ -433,10 +445,11 @@ def _schema_label(schema: Any) -> str:
 
 
 # --------------------------------------------------------------------------
-# convenience helpers with the pinned ids (no registry)
+# convenience helpers: the pinned ids, or the registry a process was pointed at
 
 _default_lock = threading.Lock()
 _default: dict[str, AvroCodec] = {}
+_registry_codecs: dict[str, AvroCodec] | None = None  # set by use_schema_registry
 
 
 def _pinned_codec(name: str) -> AvroCodec:
@@ -449,22 +462,46 @@ def _pinned_codec(name: str) -> AvroCodec:
     return codec
 
 
+def _codec(name: str) -> AvroCodec:
+    registry = _registry_codecs
+    return _pinned_codec(name) if registry is None else registry[name]
+
+
+def use_schema_registry(url: str, topics: Mapping[str, str] | None = None, **conf: Any) -> None:
+    """Make encode_*/decode_* and RecommendationWriter of this process take their schema ids
+    from the Confluent-compatible registry at `url` (subjects '<topic>-value', topics
+    {'Interaction': ..., 'Recommendation': ...}); url '' = the pinned ids again.
+
+    Ids differ between the two sources, so every process that reads or writes a topic must
+    use the same one. The registry is asked nothing here: the first encode registers its
+    schema (a registry that cannot be reached or refuses it raises then), the first decode
+    of an id fetches that id's schema."""
+    global _registry_codecs
+    if not url:
+        _registry_codecs = None
+        return
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"schema registry url {url!r} must start with http:// or https://")
+    schemas = RegistrySchemas.from_url(url, topics, **conf)
+    _registry_codecs = {name: AvroCodec(name, schemas) for name in ("interaction", "recommendation")}
+
+
 def encode_interaction(record: Mapping[str, Any]) -> bytes:
-    return _pinned_codec("interaction").encode(record)
+    return _codec("interaction").encode(record)
 
 
 def decode_interaction(data: bytes) -> dict:
     """Timestamps come back as int epoch millis."""
-    return _pinned_codec("interaction").decode(data)
+    return _codec("interaction").decode(data)
 
 
 def encode_recommendation(record: Mapping[str, Any]) -> bytes:
-    return _pinned_codec("recommendation").encode(record)
+    return _codec("recommendation").encode(record)
 
 
 def decode_recommendation(data: bytes) -> dict:
     """Timestamps come back as int epoch millis."""
-    return _pinned_codec("recommendation").decode(data)
+    return _codec("recommendation").decode(data)
 
 
 # --------------------------------------------------------------------------
@@ -683,15 +720,15 @@ class RecommendationWriter:
     """Encodes batches of Recommendations to the exact bytes of `encode_recommendation`.
 
     item_ids: index -> raw item id; each id's Avro string is encoded once, here.
-    schema_id: the id in the wire header; by default the pinned one that
-    encode_recommendation writes with. The layout written is recommendation.avsc's,
+    schema_id: the id in the wire header; by default the one that encode_recommendation
+    writes with (pinned, or registered where use_schema_registry was called). The layout written is recommendation.avsc's,
     so an id must name that schema (or one with the same Parsing Canonical Form).
     Immutable: a model with other items gets a new writer.
     """
 
     def __init__(self, item_ids: list[str], schema_id: int | None = None):
         self._ids = tuple(_avro_string(raw, f"item id at index {i}") for i, raw in enumerate(item_ids))
-        self.schema_id = _pinned_codec("recommendation").schema_id if schema_id is None else int(schema_id)
+        self.schema_id = _codec("recommendation").schema_id if schema_id is None else int(schema_id)
         self._header = _HEADER.pack(MAGIC, self.schema_id)
 
     def __len__(self) -> int:

@@ -31,6 +31,7 @@ CHUNK = 5000                        # events per delivery check and progress wri
 class ReplayConfig:
     broker: str = "127.0.0.1:9092"  # Kafka bootstrap servers (host:port, comma-separated)
     interactions_topic: str = "interactions"  # the topic the log is sent to
+    schema_registry_url: str = ""  # a Confluent-compatible Schema Registry; "" = the pinned ids
     partitions: int = 4  # partitions of the topic if it is created
     k_core: int = 0                 # 5 = the offline protocol's filter; 0 = every event
     speed: float = 0.0              # log seconds per wall second; 0 = as fast as possible
@@ -68,9 +69,11 @@ def replay(source: str, cfg: ReplayConfig) -> int:
 
     from schemas.codec import encode_interaction
     from streams.shared.clients import PRODUCER_DEFAULTS
+    from streams.shared.config import use_configured_schemas
     from streams.shared.kafka_config import client_config
     from streams.shared.topics import ensure_topics
 
+    use_configured_schemas(cfg)
     events = log_events(source, cfg.k_core, cfg.start)
     progress_path = Path(cfg.progress_file or
                          f"runs/replay/{events.name}-{cfg.interactions_topic}.json")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+
+REGISTRY_PREFIX = "MLSA4REC_SCHEMA_REGISTRY_"
 
 
 @dataclass
@@ -14,6 +17,9 @@ class StreamConfig:
     recommendations_topic: str = "recommendations"  # the topic recommendations are sent to
     # Clicks that do not decode go here, the reason in a header.
     dead_letter_topic: str = "interactions-dlq"
+    # A Confluent-compatible Schema Registry (e.g. http://host:8081, Apicurio's .../apis/ccompat/v7):
+    # schema ids registered there under '<topic>-value' instead of schemas/ids.json's; "" = pinned.
+    schema_registry_url: str = ""
     partitions: int = 4                 # partitions of interactions, its dead letters, the table
     replication: int = 1  # replication factor of the topics the worker creates
     # A batch goes to the model when the model is free: what arrived meanwhile, up to
@@ -83,6 +89,8 @@ class TrainerConfig:
     """The online trainer (`mlsa4rec trainer`); env MLSA4REC_<FIELD> as for the worker."""
     broker: str = "127.0.0.1:9092"  # Kafka bootstrap servers (host:port, comma-separated)
     interactions_topic: str = "interactions"  # the topic clicks are read from
+    # The Schema Registry the clicks' schema ids come from (as the worker's); "" = pinned ids.
+    schema_registry_url: str = ""
     partitions: int = 4  # partitions of the topics the trainer creates
     replication: int = 1  # replication factor of the topics the trainer creates
     model_updates_topic: str = "model-updates"  # where new versions are announced
@@ -109,3 +117,18 @@ class TrainerConfig:
     seed: int = 0  # random seed of the rounds' sampling
     log_level: str = "info"  # debug, info, warning or error
     metrics_port: int = 9109            # Prometheus /metrics and /health; 0 = off
+
+
+def use_configured_schemas(cfg, environ=None) -> None:
+    """Point this process's Avro codecs at cfg.schema_registry_url, if set, with subjects named
+    after cfg's topics. Registry client settings other than the URL (credentials, TLS) come from
+    the environment, off command lines: MLSA4REC_SCHEMA_REGISTRY_<property, dots written as
+    underscores>, e.g. MLSA4REC_SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO=user:secret."""
+    from schemas.codec import use_schema_registry
+
+    environ = os.environ if environ is None else environ
+    conf = {name[len(REGISTRY_PREFIX):].lower().replace("_", "."): value
+            for name, value in environ.items() if name.startswith(REGISTRY_PREFIX) and value}
+    topics = {"Interaction": getattr(cfg, "interactions_topic", "interactions"),
+              "Recommendation": getattr(cfg, "recommendations_topic", "recommendations")}
+    use_schema_registry(cfg.schema_registry_url, topics, **conf)

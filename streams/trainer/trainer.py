@@ -162,6 +162,7 @@ def run_trainer(cfg: TrainerConfig, stop=None) -> None:
     from model.training import pick_device
     from schemas.codec import DecodeError
     from streams.shared.clicks import checked_click
+    from streams.shared.config import use_configured_schemas
     from streams.shared.kafka_config import client_config
     from streams.shared.metrics import MetricsServer, TrainerMetrics
     from streams.shared.model_store import ModelStore
@@ -174,6 +175,7 @@ def run_trainer(cfg: TrainerConfig, stop=None) -> None:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = pick_device(cfg.device)
+    use_configured_schemas(cfg)
     ensure_topics(cfg.broker, {cfg.interactions_topic: cfg.partitions}, cfg.replication)
     ensure_model_updates_topic(cfg.broker, cfg.model_updates_topic, cfg.replication)
     store = ModelStore(cfg.model_store)

@@ -25,7 +25,7 @@ from faust.types import TP
 from streams.worker.agents import ScoringAgent
 from streams.worker.producer import AsyncProducer, producer_config
 from streams.worker.queries import RecommendationsEndpoint, partition_of
-from streams.shared.config import StreamConfig
+from streams.shared.config import StreamConfig, use_configured_schemas
 from streams.shared.kafka_config import faust_credentials
 from streams.shared.metrics import MetricsServer, WorkerMetrics
 from streams.shared.model_store import ModelStore
@@ -289,6 +289,7 @@ def worker_health(agent, recovery, watcher=None) -> tuple[bool, dict]:
 def run_worker(cfg: StreamConfig) -> None:
     logging.basicConfig(level=cfg.log_level.upper())
     ensure_topics(cfg.broker, topic_partitions(cfg), cfg.replication)
+    use_configured_schemas(cfg)         # clicks' and recommendations' schema ids: registry or pinned
     if cfg.follow_model_updates:
         ensure_model_updates_topic(cfg.broker, cfg.model_updates_topic, cfg.replication)
     scorer = build_scorer(cfg)

@@ -47,14 +47,25 @@ def _model_overrides(model_name: str, pairs: list[str]) -> dict:
         raise SystemExit(str(exc))
 
 
+def _apply_recipe(args) -> None:
+    """--recipe NAME: its values for the settings neither the command line nor the
+    environment gives (model/training.py RECIPES)."""
+    from model.training import RECIPES
+
+    for name, value in RECIPES.get(args.recipe or "", {}).items():
+        if getattr(args, name) is None and f"MLSA4REC_{name.upper()}" not in os.environ:
+            setattr(args, name, value)
+
+
 def cmd_train(args) -> int:
     from model.metrics import format_table
     from model.training import train_to_checkpoint
 
+    _apply_recipe(args)
     cfg = typed_config.build(TrainConfig, args)
     overrides = _model_overrides(cfg.model, args.set or [])
     try:
-        result, path, sha = train_to_checkpoint(cfg, overrides)
+        result, path, sha = train_to_checkpoint(cfg, overrides, resume=args.resume)
     except ValueError as exc:
         raise SystemExit(str(exc))
     print(f"\n{cfg.model} on {cfg.dataset}: best epoch {result.best_epoch} of "
@@ -193,6 +204,14 @@ def main(argv: list[str] | None = None) -> int:
     typed_config.add_arguments(p_train, TrainConfig)
     p_train.add_argument("--set", action="append", metavar="NAME=VALUE",
                          help="model hyper-parameter, e.g. --set n_mamba_layers=2")
+    from model.training import RECIPES
+    p_train.add_argument("--recipe", choices=sorted(RECIPES), default=None,
+                         help="a named set of training settings, below the options given: "
+                              + "; ".join(f"{k}: " + ", ".join(f"{n}={v}" for n, v in r.items())
+                                          for k, r in RECIPES.items()))
+    p_train.add_argument("--resume", action="store_true",
+                         help="go on with the run in --run-dir from its last finished epoch "
+                              "(the same settings as the command that started it)")
     p_train.set_defaults(func=cmd_train)
     p_eval = sub.add_parser("evaluate", help="evaluate a checkpoint under the offline protocol")
     p_eval.add_argument("checkpoint")

@@ -1,7 +1,8 @@
 """The main job (`mlsa4rec demo`, `make run`): the whole system on one machine.
 
-1. Train the model offline on the log before a cut-off (warm start), unless that checkpoint
-   exists already.
+1. Train the model offline on the log before a cut-off (warm start) to a fixed recipe (an
+   epoch cap and early stopping, no wall-clock budget: the same model on any machine), unless
+   a checkpoint of the same data, model, recipe and code is cached already.
 2. Start the local Kafka broker, a scorer worker and the online trainer.
 3. Replay the log from the cut-off into `interactions`; print the live prequential metrics
    while the worker answers.
@@ -11,11 +12,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
+import time
+import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,18 +37,52 @@ class DemoConfig:
     model: str = "mlsa4rec-s"  # mlsa4rec-s, mlsa4rec, mamba4rec or sasrec
     cutoff: float = 0.8               # replay the last 20% of the log's events
     replay_seconds: float = 120.0     # ... time-scaled to last about this long (0 = flat out)
-    train_minutes: float = 3.0        # offline warm start budget (first run only)
+    warm_epochs: int = 40             # offline warm start: most epochs (first run; cached)
+    warm_patience: int = 2            # ... stop after this many epochs without a better valid NDCG@10
+    warm_lr: float = 2e-3             # ... Adam learning rate
     fine_tune: bool = True            # run the online trainer
     round_every_s: float = 20.0  # the online trainer's round interval
     out: str = "runs/demo"  # where the demo writes its models, states and report
     threads: int = 1                  # torch threads per process (worker, trainer)
-    batch_max: int = 64  # the worker's largest batch
+    batch_max: int = 256  # the worker's largest batch
     trainer_nice: int = 10            # the trainer's niceness: the worker comes first
 
 
-def offline_prequential(checkpoint: Path, events) -> dict | None:
+def warm_start_key(recipe) -> str:
+    """The warm start's cache key: its recipe (data, model, cut-off, epochs, seed...) and the
+    code that trains and runs the model (model/), so a change of either trains anew."""
+    digest = hashlib.sha256(json.dumps(dataclasses.asdict(recipe), sort_keys=True).encode())
+    for source in sorted((REPO / "model").rglob("*.py")):
+        digest.update(source.relative_to(REPO).as_posix().encode() + source.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def warm_start_line(checkpoint: Path) -> str:
+    """The warm start's figures, from the run description saved beside its checkpoint."""
+    run = json.loads(checkpoint.with_suffix(".json").read_text())
+    return (f"warm start: best epoch {run['best_epoch']} of {run['epochs_run']}, valid HR@10 "
+            f"{run['valid']['hr@10']:.4f} NDCG@10 {run['valid']['ndcg@10']:.4f}, test HR@10 "
+            f"{run['test']['hr@10']:.4f} NDCG@10 {run['test']['ndcg@10']:.4f} "
+            f"({run['seconds']:.0f} s to train; the figures do not depend on the machine)")
+
+
+NEW_TITLES, NEW_USERS, THE_REST = "new titles", "new users", "the rest"
+
+
+def groups(known_items: set[str], known_users: set[str]):
+    """(user, next item) -> the group its judgment counts in: items the starting model never
+    saw (new titles: only fine-tuning can recommend them), users with no click before the
+    cut-off, the rest. Fine-tuning's claim is the first group."""
+    def group_of(user: str, item: str) -> str:
+        if item not in known_items:
+            return NEW_TITLES
+        return NEW_USERS if user not in known_users else THE_REST
+    return group_of
+
+
+def offline_prequential(checkpoint: Path, events, group_of) -> dict | None:
     """What the stream gives without fine-tuning: the starting model over the same events
-    (steppable models; None for a window model)."""
+    (steppable models; None for a window model), overall and by group."""
     from model.checkpoint import load_checkpoint
     from model.prequential import metrics_at, next_item_ranks
 
@@ -50,12 +90,19 @@ def offline_prequential(checkpoint: Path, events) -> dict | None:
     if not model.steppable:
         return None              # a window model's offline ranks are not computed here
     index = {raw: i for i, raw in enumerate(payload["item_ids"])}
-    sequences: dict[str, list[int]] = {}
+    sequences: dict[str, list[str]] = {}
     for user, item in zip(events.users, events.items):
-        sequences.setdefault(str(user), []).append(index.get(str(item), -1))
-    ranks = np.concatenate(next_item_ranks(model, [np.array(s) for s in sequences.values()]))
+        sequences.setdefault(str(user), []).append(str(item))
+    ranks = next_item_ranks(model, [np.array([index.get(i, -1) for i in s])
+                                    for s in sequences.values()])
+    judged_groups = np.array([group_of(user, item) for user, items in sequences.items()
+                              for item in items[1:]])
+    ranks = np.concatenate(ranks)
     ranks[ranks > 10] = 0                       # the stream answers with a top 10
-    return metrics_at(ranks, (5, 10))
+    return {**metrics_at(ranks, (5, 10)), "by_group": {
+        g: {"judged": int((judged_groups == g).sum()), **metrics_at(ranks[judged_groups == g],
+                                                                     (5, 10))}
+        for g in (NEW_TITLES, NEW_USERS, THE_REST) if (judged_groups == g).any()}}
 
 
 def run_demo(cfg: DemoConfig) -> dict:
@@ -73,19 +120,25 @@ def run_demo(cfg: DemoConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     events = log_events(cfg.dataset)
     cutoff = float(events.timestamps[int(cfg.cutoff * (len(events.rows) - 1))])
-    checkpoint = out / f"{cfg.dataset}-{cfg.model}-before-{int(cutoff)}.pt"
+    recipe = TrainConfig(dataset=cfg.dataset, model=cfg.model, before=str(cutoff),
+                         epochs=cfg.warm_epochs, patience=cfg.warm_patience, lr=cfg.warm_lr,
+                         progress=False)
+    checkpoint = out / f"warm-{cfg.dataset}-{cfg.model}-{warm_start_key(recipe)}.pt"
     if not checkpoint.exists():
-        print(f"== 1. offline warm start: {cfg.model} on {cfg.dataset} before the cut-off "
-              f"({cfg.train_minutes:g} min budget)", flush=True)
-        train_to_checkpoint(TrainConfig(dataset=cfg.dataset, model=cfg.model, before=str(cutoff),
-                                        time_budget_min=cfg.train_minutes, threads=cfg.threads,
-                                        checkpoint=str(checkpoint), progress=False))
+        print(f"== 1. offline warm start: {cfg.model} on {cfg.dataset} before the cut-off, "
+              f"up to {cfg.warm_epochs} epochs, stopping after {cfg.warm_patience} without "
+              "a better valid NDCG@10 (cached for the next run)", flush=True)
+        # Every core: nothing else runs yet. The thread count is not part of the recipe.
+        train_to_checkpoint(dataclasses.replace(recipe, checkpoint=str(checkpoint)))
     else:
         print(f"== 1. offline warm start: reusing {checkpoint}", flush=True)
+    print(f"   {warm_start_line(checkpoint)}", flush=True)
     replayed = log_events(cfg.dataset, start=str(cutoff))
     print(f"== offline reference: the starting model over the {len(replayed.rows)} events "
           "after the cut-off, no fine-tuning", flush=True)
-    offline = offline_prequential(checkpoint, replayed)
+    before = events.timestamps < cutoff
+    group_of = groups(set(_item_ids(checkpoint)), {str(u) for u in events.users[before]})
+    offline = offline_prequential(checkpoint, replayed, group_of)
 
     run_id = uuid.uuid4().hex[:8]
     env = dict(os.environ, PYTHONPATH=str(REPO), MLSA4REC_THREADS=str(cfg.threads))
@@ -96,10 +149,12 @@ def run_demo(cfg: DemoConfig) -> dict:
         print(f"== 2. broker {broker}; starting the scorer"
               + (" and the trainer" if cfg.fine_tune else ""), flush=True)
         common = ["--broker", broker, "--model-store", str(out / f"models-{run_id}")]
-        processes.append(_start(["worker", *common, "--checkpoint", str(checkpoint),
-                                 "--data-dir", str(out / f"worker-{run_id}"),
-                                 "--batch-max", str(cfg.batch_max), "--log-level", "warning"],
-                                out / "worker.log", env))
+        port = _free_port()
+        worker = _start(["worker", *common, "--checkpoint", str(checkpoint),
+                         "--data-dir", str(out / f"worker-{run_id}"), "--metrics-port", str(port),
+                         "--batch-max", str(cfg.batch_max), "--log-level", "warning"],
+                        out / "worker.log", env)
+        processes.append(worker)
         if cfg.fine_tune:
             # The trainer's rounds are minutes of full-core work on a small machine; niced, they
             # take what the worker leaves, and recommendations keep their latency.
@@ -108,6 +163,9 @@ def run_demo(cfg: DemoConfig) -> dict:
                                      "--round-every-s", str(cfg.round_every_s)],
                                     out / "trainer.log", env, nice=cfg.trainer_nice))
         try:
+            # The clicks' latency is the worker's, not its start-up's: replay once it is ready.
+            print(f"   the scorer is ready after {_wait_ready(worker, port):.1f} s "
+                  f"(http://127.0.0.1:{port}/health)", flush=True)
             print(f"== 3. replaying {len(replayed.rows)} events of {cfg.dataset} from the cut-off",
                   flush=True)
             span = float(replayed.timestamps[-1] - replayed.timestamps[0])
@@ -118,7 +176,7 @@ def run_demo(cfg: DemoConfig) -> dict:
             sender.start()
             result = run_evaluate_stream(
                 broker, "interactions", "recommendations", out / "report",
-                idle_timeout_s=120, expect_recommendations=len(replayed.rows),
+                idle_timeout_s=120, expect_recommendations=len(replayed.rows), group_of=group_of,
                 log=lambda line: print("   live:", line, flush=True))
             sender.join()
         finally:
@@ -143,11 +201,43 @@ def run_demo(cfg: DemoConfig) -> dict:
               "(starting model, no fine-tuning)")
     else:
         print(f"   offline: not computed for {cfg.model}, a window model")
+    for group, stats in summary["by_group"].items():
+        frozen = (offline or {}).get("by_group", {}).get(group)
+        print(f"   {group:>10}: {stats['judged']:6d} judged, stream HR@10 {stats['hr@10']:.4f}"
+              + (f", offline {frozen['hr@10']:.4f}" if frozen else ""))
     print(f"   latency ms: {json.dumps({k: round(v) for k, v in summary['latency_ms'].items()})}, "
           f"{summary['throughput_per_s']:.0f} recommendations/s, "
           f"{len(summary['by_version'])} model versions served")
     print(f"   report: {page}")
     return {"summary": summary, "offline": offline, "report": str(page)}
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _wait_ready(process: subprocess.Popen, port: int, timeout_s: float = 300.0) -> float:
+    """Seconds until the worker's /health says ok (its table restored, its agent running)."""
+    started = time.monotonic()
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as reply:
+                if json.loads(reply.read())["status"] == "ok":
+                    return time.monotonic() - started
+        except OSError:
+            pass                        # not listening yet, or 503 while it starts
+        if process.poll() is not None:
+            raise RuntimeError(f"the scorer exited with {process.returncode} before it was ready")
+        if time.monotonic() - started > timeout_s:
+            raise RuntimeError(f"the scorer was not ready after {timeout_s:.0f} s")
+        time.sleep(0.2)
+
+
+def _item_ids(checkpoint: Path) -> list[str]:
+    from model.checkpoint import load_checkpoint
+    return load_checkpoint(checkpoint)[1]["item_ids"][1:]        # [0] is the padding item
 
 
 def _start(args: list[str], log: Path, env: dict, nice: int = 0) -> subprocess.Popen:

@@ -51,6 +51,23 @@ def test_each_recommendation_is_judged_by_the_users_next_click_in_any_arrival_or
     assert summary["last_per_user"]["users"] == 2 and summary["last_per_user"]["hr@10"] == 0.5
 
 
+def test_judgments_are_also_counted_by_the_group_of_the_user_and_the_item_that_judged_them():
+    from streams.demo import NEW_TITLES, NEW_USERS, THE_REST, groups
+
+    group_of = groups(known_items={"x", "y"}, known_users={"a"})
+    ev = StreamEvaluator(group_of=group_of)
+    for user, item, event_id in [("a", "x", "a1"), ("a", "new", "a2"), ("a", "y", "a3"),
+                                 ("b", "x", "b1"), ("b", "y", "b2")]:
+        ev.on_interaction(user, item, event_id, 1000)
+        ev.on_recommendation(rec(event_id, ["y", "x"]))
+    by_group = ev.summary()["by_group"]
+    # a1 is judged by a new title (a miss: it cannot be ranked), a2 by a known item for a known
+    # user (rank 1), b1 by a known item for a user with no click before the cut-off (rank 1).
+    assert {g: (s["judged"], s["hr@10"]) for g, s in by_group.items()} == {
+        NEW_TITLES: (1, 0.0), THE_REST: (1, 1.0), NEW_USERS: (1, 1.0)}
+    assert StreamEvaluator().summary()["by_group"] == {}        # no group_of: no groups
+
+
 def write_log(path, n_users=6, per_user=9, seed=3):
     """A user log whose timestamps interleave users and repeat (ties keep file order)."""
     rng = np.random.default_rng(seed)

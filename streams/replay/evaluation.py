@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,7 @@ class Judged:
     produced_at: int          # ms
     rank: int                 # 1-based rank of the next item in the recommendation, 0 = miss
     version: str
+    group: str = ""           # group_of(user, next item), when the evaluator has one
 
 
 @dataclass
@@ -46,6 +48,8 @@ class StreamEvaluator:
     _user_of: dict = field(default_factory=dict)            # event id -> (user, its n-th click)
     _clicks_of: dict = field(default_factory=dict)          # user -> clicks so far
     last_judged_of: dict = field(default_factory=dict)      # user -> (n, Judged) of its latest
+    # (user, next item) -> the group its judgment counts in too, e.g. "new titles"; None = none
+    group_of: Callable[[str, str], str] | None = None
 
     def on_interaction(self, user: str, item: str, event_id: str, sent_ms: int) -> None:
         if event_id in self._seen_events:
@@ -81,9 +85,10 @@ class StreamEvaluator:
         items, version, produced_at = self._recommended.pop(event_id)
         target = self._next_item.pop(event_id)
         rank = items.index(target) + 1 if target in items else 0
-        judged = Judged(produced_at, rank, version)
-        self.judged.append(judged)
         user, n = self._user_of.pop(event_id)
+        judged = Judged(produced_at, rank, version,
+                        self.group_of(user, target) if self.group_of else "")
+        self.judged.append(judged)
         if n > self.last_judged_of.get(user, (0, None))[0]:     # judgments may finish out of order
             self.last_judged_of[user] = (n, judged)
         sent = self._sent_at.pop(event_id, None)
@@ -106,8 +111,11 @@ class StreamEvaluator:
         latencies = np.array(self.latencies_ms, dtype=np.float64)
         at = np.sort(np.array(self.produced_at, dtype=np.float64)) / 1000
         by_version: dict[str, list[Judged]] = {}
+        by_group: dict[str, list[Judged]] = {}
         for j in self.judged:
             by_version.setdefault(j.version, []).append(j)
+            if j.group:
+                by_group.setdefault(j.group, []).append(j)
         return {
             "interactions": self.interactions, "recommendations": self.recommendations,
             "judged": len(self.judged), "duplicates_ignored": self.duplicates,
@@ -117,6 +125,7 @@ class StreamEvaluator:
             "last_per_user": {"users": len(self.last_judged_of),
                               **self.metrics([j for _, j in self.last_judged_of.values()])},
             "by_version": {v: {"judged": len(js), **self.metrics(js)} for v, js in by_version.items()},
+            "by_group": {g: {"judged": len(js), **self.metrics(js)} for g, js in by_group.items()},
             "latency_ms": {f"p{q}": float(np.percentile(latencies, q)) for q in (50, 90, 99)}
             | {"max": float(latencies.max())} if len(latencies) else {},
             "throughput_per_s": float((len(at) - 1) / (at[-1] - at[0])) if len(at) > 1 and at[-1] > at[0] else 0.0,
@@ -157,9 +166,10 @@ def format_live(evaluator: StreamEvaluator) -> str:
 def run_evaluate_stream(broker: str, interactions_topic: str, recommendations_topic: str,
                         out_dir: str | Path, idle_timeout_s: float = 15.0,
                         expect_recommendations: int = 0, print_every_s: float = 5.0,
-                        stop=None, log=print) -> dict:
+                        stop=None, log=print, group_of=None) -> dict:
     """Read both topics from the beginning until `expect_recommendations` arrived (if set) or
-    nothing came for idle_timeout_s; writes evaluation.json into out_dir; returns it."""
+    nothing came for idle_timeout_s; writes evaluation.json into out_dir; returns it.
+    group_of(user, next item) -> a group name: the summary's `by_group` too."""
     import uuid
 
     from confluent_kafka import Consumer
@@ -170,7 +180,7 @@ def run_evaluate_stream(broker: str, interactions_topic: str, recommendations_to
     consumer = Consumer({**client_config(broker), "group.id": f"evaluate-{uuid.uuid4().hex}",
                          "auto.offset.reset": "earliest", "enable.auto.commit": False})
     consumer.subscribe([interactions_topic, recommendations_topic])
-    evaluator = StreamEvaluator()
+    evaluator = StreamEvaluator(group_of=group_of)
     last_message = last_print = time.monotonic()
     undecodable = 0
     try:

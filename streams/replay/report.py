@@ -103,6 +103,14 @@ def write_report(evaluation: dict, out_dir: str | Path, title: str = "Replay rep
                      summary["by_version"].get(v, {}).get("judged", 0),
                      f"{summary['by_version'].get(v, {}).get('hr@10', 0):.4f}"]
                     for n, (v, at) in enumerate(versions)]
+    group_rows = [[g, stats["judged"], f"{stats['hr@10']:.4f}", f"{stats['ndcg@10']:.4f}"]
+                  + ([f"{offline['by_group'][g]['hr@10']:.4f}",
+                      f"{offline['by_group'][g]['ndcg@10']:.4f}"]
+                     if offline and g in offline.get("by_group", {}) else ["-", "-"])
+                  for g, stats in summary.get("by_group", {}).items()]
+    group_header = ["judged by", "judged", "stream HR@10", "stream NDCG@10",
+                    f"{offline_label}: HR@10", "NDCG@10"]
+    groups = f"<h2>By group</h2>\n{_table(group_rows, group_header)}" if group_rows else ""
     latency = summary.get("latency_ms", {})
     images = "".join(
         f'<figure><img alt="{name}" src="data:image/png;base64,'
@@ -123,6 +131,7 @@ img {{ max-width: 100%; }}
 ignored; throughput {summary['throughput_per_s']:.0f} recommendations/s.</p>
 <h2>Final numbers</h2>
 {_table(rows, ["", *[m.upper() for m in metric_names]])}
+{groups}
 <h2>Latency (ms)</h2>
 {_table([[k, f"{v:.0f}"] for k, v in latency.items()], ["percentile", "ms"])}
 <h2>Model versions</h2>

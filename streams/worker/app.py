@@ -143,7 +143,11 @@ def input_state(app, topic: str) -> tuple[bool, dict]:
             "active": tp in (consumer._active_partitions or ()),
             "paused": tp in consumer._paused_partitions,
             "buffer_full": tp in consumer._buffered_partitions}
+    fetcher = app._fetcher
     return lagging, {"partitions": partitions,
+                     # A fetcher whose drain loop has ended (it is "shutdown" or "crashed")
+                     # fetches nothing more, and Faust's maybe_start does not restart it.
+                     "fetcher": {"state": fetcher.state, "drainer": repr(fetcher._drainer)},
                      "flow_control_active": app.flow_control.is_active(),
                      "consumer_flow_suspended": consumer.suspend_flow.is_set(),
                      "in_recovery": app.tables.recovery.in_recovery}

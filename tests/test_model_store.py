@@ -112,7 +112,7 @@ def test_worker_health_fails_while_recovering_and_once_the_watcher_stops(tmp_pat
     from streams.worker.app import worker_health
 
     agent = SimpleNamespace(started=True, scorer=SimpleNamespace(version="v0"),
-                            counts={"applied": 3}, failure=None)
+                            counts={"applied": 3}, failure=None, stalled=None)
     recovery = SimpleNamespace(completed=threading.Event(), in_recovery=False)
     recovery.completed.set()
     watcher = ModelWatcher("127.0.0.1:1", "model-updates", ModelStore(tmp_path / "models"),
@@ -126,6 +126,10 @@ def test_worker_health_fails_while_recovering_and_once_the_watcher_stops(tmp_pat
     assert worker_health(agent, recovery) == (False, {
         "model_version": "v0", "applied": 3, "status": "failed: RuntimeError('scoring failed')"})
     agent.failure = None
+    agent.stalled = "no click for 12 s while the input has clicks not read"   # check_stall
+    assert worker_health(agent, recovery) == (False, {
+        "model_version": "v0", "applied": 3, "status": f"stalled: {agent.stalled}"})
+    agent.stalled = None
 
     monkeypatch.setattr(model_updates, "_consumer", lambda bootstrap: FailingConsumer())
     watcher.start()

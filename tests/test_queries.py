@@ -265,6 +265,7 @@ def test_a_stall_is_reported_once_with_the_consumers_state_and_never_stops_the_w
         agents.ScoringAgent.check_stall(agent)
     warnings = [r.getMessage() for r in caplog.records if "no click for" in r.getMessage()]
     assert len(warnings) == 1 and "'paused': True" in warnings[0] and len(calls) == 1
+    assert agent.stalled.startswith("no click for")      # /health says so (worker_health)
 
     def broken():
         raise KeyError("not assigned")

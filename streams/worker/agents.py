@@ -117,6 +117,7 @@ class ScoringAgent:
         self.input_state = input_state
         self.last_event_at = time.monotonic()
         self.stall_reported = False
+        self.stalled: str | None = None         # why /health says "stalled", until a click comes
         self.cfg, self.scorer, self.table, self.recovery = cfg, scorer, table, recovery
         self.on_failure = on_failure or (lambda exc: None)
         self.failure: BaseException | None = None
@@ -211,7 +212,7 @@ class ScoringAgent:
             while len(batch) < limit and not queue.empty():
                 batch.append(queue.get_nowait())
             self.last_event_at = time.monotonic()
-            self.stall_reported = False
+            self.stall_reported, self.stalled = False, None
             if not self.pending:
                 self.first_pending_at = time.monotonic()
             self.pending.extend(batch)
@@ -304,7 +305,8 @@ class ScoringAgent:
 
     def check_stall(self) -> None:
         """Warn once if no click has come for STALL_S while the input partitions have clicks
-        not yet read, with the consumer's state (the cause of such stalls is still open)."""
+        not yet read, with the consumer's state (the cause of such stalls is still open), and
+        mark the worker stalled for /health."""
         idle = time.monotonic() - self.last_event_at
         if self.input_state is None or self.stall_reported or idle < STALL_S:
             return
@@ -317,8 +319,10 @@ class ScoringAgent:
             return
         if lagging:
             self.stall_reported = True
-            log.warning("no click for %.0f s while the input has clicks not read: %s",
-                        idle, details)
+            # /health turns to 503 until a click comes: an orchestrator's liveness probe
+            # restarts such a worker, which loses nothing (its offsets were not committed).
+            self.stalled = f"no click for {idle:.0f} s while the input has clicks not read"
+            log.warning("%s: %s", self.stalled, details)
 
     async def flush_now(self) -> None:
         """Flush everything scored so far and wait until it is written and acked (a clean

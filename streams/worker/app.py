@@ -283,6 +283,8 @@ def worker_health(agent, recovery, watcher=None) -> tuple[bool, dict]:
         ok, details["status"] = False, f"failed: {agent.failure!r}"
     elif ok and recovery.in_recovery:
         ok, details["status"] = False, "recovering"
+    elif agent.stalled:
+        ok, details["status"] = False, f"stalled: {agent.stalled}"
     if watcher is not None:
         details["model_updates"] = ("following" if watcher.following else
                                     f"stopped: {watcher.failure or 'the thread ended'}")

@@ -58,11 +58,11 @@ def plot_curve(path: str | os.PathLike, history: list[dict], title: str = "") ->
 
     epochs = [h["epoch"] for h in history]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
-    left.plot(epochs, [h["loss"] for h in history], color="tab:gray")
+    left.plot(epochs, [h["loss"] for h in history], color="tab:gray", marker=".")
     left.set_xlabel("epoch")
     left.set_ylabel("train loss (CE per target)")
-    right.plot(epochs, [h["hr@10"] for h in history], label="valid HR@10")
-    right.plot(epochs, [h["ndcg@10"] for h in history], label="valid NDCG@10")
+    right.plot(epochs, [h["hr@10"] for h in history], marker=".", label="valid HR@10")
+    right.plot(epochs, [h["ndcg@10"] for h in history], marker=".", label="valid NDCG@10")
     if history:
         best = max(history, key=lambda h: (h["ndcg@10"], h["epoch"]))   # ties: the later
         right.axvline(best["epoch"], color="tab:green", linestyle=":",

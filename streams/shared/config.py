@@ -69,6 +69,9 @@ class StreamConfig:
     state_cache_mb: int = 512
     flush_every_s: float = 2.0          # write changed users to the table (then commit) this often
     snapshot_every: int = 16            # a user's full state every N of its clicks, items between
+    # Users idle longer than this (event time) keep their last 50 items, no state (33-66 KB): rebuilt
+    # from those items at their next click (streams/worker/cold_tier.py); 0 = off
+    cold_after_s: float = 0.0
     # Prometheus /metrics, /health and GET /users/{id}/recommendations; 0 = off
     metrics_port: int = 9108
     # The host other workers reach this one's port at (forwarded requests); "" = this
@@ -123,11 +126,13 @@ def use_configured_schemas(cfg, environ=None) -> None:
     """Point this process's Avro codecs at cfg.schema_registry_url, if set, with subjects named
     after cfg's topics. Registry client settings other than the URL (credentials, TLS) come from
     the environment, off command lines: MLSA4REC_SCHEMA_REGISTRY_<property, dots written as
-    underscores>, e.g. MLSA4REC_SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO=user:secret."""
+    underscores>, e.g. MLSA4REC_SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO=user:secret or
+    MLSA4REC_SCHEMA_REGISTRY_MAX_RETRIES=0."""
     from schemas.codec import use_schema_registry
 
     environ = os.environ if environ is None else environ
-    conf = {name[len(REGISTRY_PREFIX):].lower().replace("_", "."): value
+    # SchemaRegistryClient wants numbers (max.retries, timeout) as numbers.
+    conf = {name[len(REGISTRY_PREFIX):].lower().replace("_", "."): int(value) if value.isdigit() else value
             for name, value in environ.items() if name.startswith(REGISTRY_PREFIX) and value}
     topics = {"Interaction": getattr(cfg, "interactions_topic", "interactions"),
               "Recommendation": getattr(cfg, "recommendations_topic", "recommendations")}

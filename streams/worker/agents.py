@@ -48,6 +48,7 @@ from model.state import state_size
 from schemas.codec import DecodeError, RecommendationWriter
 from streams.shared.clicks import checked_click
 from streams.worker.queries import NotReady, PopularItems, Query, partition_of
+from streams.worker.cold_tier import ColdSweep
 from streams.worker.scoring import (NO_SNAPSHOT, USER_REPR, BatchStats, Event, UserRecord,
                                     snapshot_key)
 from streams.worker.state_cache import Flush, StateCache
@@ -137,6 +138,8 @@ class ScoringAgent:
             raise ValueError(f"--state-cache-mb {cfg.state_cache_mb} holds {self.cache.capacity} "
                              f"users: it must hold at least 2 x --batch-max ({cfg.batch_max})")
         self.writer = RecommendationWriter(scorer.item_ids)
+        self.cold = ColdSweep(cfg.cold_after_s, scorer.history_len) if cfg.cold_after_s \
+            else None
         self.popular = PopularItems(cfg.popular_window_s)
         # Requests waiting for the model thread; one job there answers all that are waiting.
         self.requests: deque[tuple[Query, Future]] = deque()
@@ -427,6 +430,8 @@ class ScoringAgent:
         if self.drop_cache:
             self.drop_cache = False
             lost = self.cache.drop_all()
+            if self.cold is not None:
+                self.cold.reset()
             if lost:
                 log.error("a rebalance dropped %d unflushed users' records", lost)
         events, dead = [], []
@@ -440,6 +445,8 @@ class ScoringAgent:
             events.append(event)
             last_of_user[event.user_id] = event
         self.popular.add([event.item_id for event in events])
+        if self.cold is not None:
+            self.cold.saw(events)
         if self.fault == (RAISE_IN_SCORING, number) and events:
             time.sleep(1.0)     # as if after scoring: the event loop has gone on meanwhile
             raise RuntimeError(f"injected fault: an exception in scoring batch {number}")
@@ -455,6 +462,8 @@ class ScoringAgent:
                 out.snapshots += swap_flush.snapshots
         if out is not None:
             self.flush_made_at = time.monotonic()
+            if self.cold is not None and self.cache.pool is not None and not self.rebalancing:
+                self.cache.append(out, self.cold.sweep(self.table, self.cache))
         stats.seconds = time.perf_counter() - started
         return Scored(recommendations, dead, stats, out)
 

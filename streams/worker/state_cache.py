@@ -51,13 +51,14 @@ class Entry:
 @dataclass
 class Flush:
     number: int
-    writes: list[tuple[int, bytes, bytes]] = field(default_factory=list)  # (partition, key, value)
+    # (partition, key, value); value None: a delete (the cold tier's, streams/worker/cold_tier.py)
+    writes: list[tuple[int, bytes, bytes | None]] = field(default_factory=list)
     users: int = 0
     snapshots: int = 0
 
     @property
     def bytes(self) -> int:
-        return sum(len(key) + len(value) for _, key, value in self.writes)
+        return sum(len(key) + len(value or b"") for _, key, value in self.writes)
 
 
 class StateCache:
@@ -167,6 +168,15 @@ class StateCache:
                 return
         raise RuntimeError("state cache: every user is dirty; flush before adding more")
 
+    def drop(self, user: str) -> None:
+        """Forget a clean user (the cold tier makes it cold in the table)."""
+        entry = self.entries[user]
+        if entry.dirty:
+            raise RuntimeError(f"state cache: {user!r} is dirty; flush it before dropping it")
+        del self.entries[user]
+        if entry.slot >= 0:
+            self.free.append(entry.slot)
+
     def mark_dirty(self, user: str) -> None:
         self.entries[user].dirty = True
         self.dirty.add(user)
@@ -219,6 +229,16 @@ class StateCache:
         for _, key, value in out.writes:
             self.unwritten[key] = (value, out.number)
         return out
+
+    def append(self, flush: Flush, writes: list[tuple[int, bytes, bytes | None]]) -> None:
+        """More writes for `flush`, after its own (the cold tier's): readable from `unwritten`
+        until written, as the flush's are. Deletes are not kept there: a key deleted by a
+        flush in flight reads as the table's value until then, which only a record pointing
+        to it would read, and the record written before the delete points to none."""
+        flush.writes += writes
+        for _, key, value in writes:
+            if value is not None:
+                self.unwritten[key] = (value, flush.number)
 
     def _snapshot_due(self, entry: Entry) -> bool:
         record = entry.record

@@ -79,9 +79,25 @@ class StateTable:
     def read_many(self, partition: int, keys: list[bytes]) -> list[bytes | None]:
         return self.store._db_for_partition(partition).get(keys)
 
-    async def write(self, writes: list[tuple[int, bytes, bytes]]) -> None:
+    def scan(self, partition: int, start: bytes, limit: int) -> tuple[list[bytes], bytes | None]:
+        """Up to `limit` keys of a partition's database from `start` on, in key order, and the
+        key to go on from (None: the end). Nothing for a partition not open on this worker."""
+        db = self.store._dbs.get(partition)     # never _db_for_partition: that would open one
+        if db is None:
+            return [], None
+        keys, it = [], db.iter()
+        it.seek(start)
+        while it.valid() and len(keys) < limit:
+            key = bytes(it.key())
+            if key != self.store.offset_key:        # Faust's changelog offset, no user's
+                keys.append(key)
+            it.next()
+        return keys, (bytes(it.key()) if it.valid() else None)
+
+    async def write(self, writes: list[tuple[int, bytes, bytes | None]]) -> None:
         """(partition, key, value) into the databases and the changelog; returns once the
-        broker has acknowledged the changelog records."""
+        broker has acknowledged the changelog records. A value None deletes the key, with a
+        tombstone in the changelog (what Faust's recovery applies as a delete)."""
         # The changelog first: a local database ahead of its changelog would keep records a
         # restart's recovery never re-sends (the clicks replayed after a failed send are then
         # skipped as applied). Until written, the agent reads these from its cache's flush.
@@ -92,7 +108,10 @@ class StateTable:
             batch = batches.get(partition)
             if batch is None:
                 batch = batches[partition] = rocksdict.WriteBatch(raw_mode=True)
-            batch.put(key, value)
+            if value is None:
+                batch.delete(key)
+            else:
+                batch.put(key, value)
         for partition, batch in batches.items():
             self.store._db_for_partition(partition).write(batch)
         for partition, offset in offsets.items():

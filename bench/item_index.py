@@ -160,14 +160,17 @@ def main() -> None:
     parser.add_argument("--catalogues", nargs="+", default=["mixture", "jitter"],
                         choices=["mixture", "jitter", "random"],
                         help="synthetic items above the trained ones (default mixture jitter)")
-    parser.add_argument("--probes", type=int, nargs="+", default=[8, 16, 32, 64],
-                        help="IVF lists searched per user, table 1 (default 8 16 32 64)")
+    parser.add_argument("--probes", type=int, nargs="+", default=[16, 32, 48, 64, 96],
+                        help="IVF lists searched per user, table 1 (default 16 32 48 64 96)")
+    parser.add_argument("--codes", nargs="+", default=["flat", "fp16"],
+                        choices=["flat", "fp16"],
+                        help="IVF vector storage, table 1 (default flat fp16)")
     parser.add_argument("--ef", type=int, nargs="+", default=[16, 32, 64, 128],
                         help="HNSW efSearch, table 1 (default 16 32 64 128)")
     parser.add_argument("--hnsw-max-items", type=int, default=100_000,
                         help="build HNSW up to this many items (slow to build; default 100000)")
-    parser.add_argument("--probe", type=int, default=32,
-                        help="IVF probe of the scorer in table 2 (default 32, the worker's)")
+    parser.add_argument("--probe", type=int, default=48,
+                        help="IVF probe of the scorer in table 2 (default 48, the worker's)")
     parser.add_argument("--queries", type=int, default=1024,
                         help="ML-1M users whose representations are the queries (default 1024)")
     parser.add_argument("--seconds", type=float, default=6.0,
@@ -192,15 +195,17 @@ def main() -> None:
             weight = catalogue(trained_weight, n_known, rows, kind)
             exact = exact_top(queries, weight, rows)
             lists = default_lists(rows - 1)
-            index = ItemIndex.build(weight, rows, probe=args.probes[0])
-            mb = index.nbytes() / 2 ** 20
-            for probe in args.probes:
-                index.faiss_index.nprobe = min(probe, lists)
-                rate, found = search_rate(index, queries)
-                choice.append(f"| {rows:,} | {kind} | IVF {lists:,} lists | probe {probe} | "
-                              f"{index.build_seconds:.1f} | {mb:,.0f} | {recall(found, exact):.4f}"
-                              f" | {rate:,.0f} |")
-                print(choice[-1], flush=True)
+            for codes in args.codes:
+                index = ItemIndex.build(weight, rows, probe=args.probes[0], codes=codes)
+                mb = index.nbytes() / 2 ** 20
+                for probe in args.probes:
+                    index.ivf.nprobe = min(probe, lists)
+                    rate, found = search_rate(index, queries)
+                    choice.append(f"| {rows:,} | {kind} | IVF {lists:,} lists, {codes} | probe "
+                                  f"{probe} | {index.build_seconds:.1f} | {mb:,.0f} | "
+                                  f"{recall(found, exact):.4f} | {rate:,.0f} |")
+                    print(choice[-1], flush=True)
+                del index
             if rows <= args.hnsw_max_items:
                 hnsw = ItemIndex.build(weight, rows, kind="hnsw", probe=args.ef[0])
                 hnsw_mb = hnsw.nbytes() / 2 ** 20
@@ -212,7 +217,7 @@ def main() -> None:
                                   f"{recall(found, exact):.4f} | {rate:,.0f} |")
                     print(choice[-1], flush=True)
                 del hnsw
-            index.faiss_index.nprobe = min(args.probe, lists)
+            index = ItemIndex.build(weight, rows, probe=args.probe)     # the worker's kind
             _, found = search_rate(index, queries)
             chosen_recall = recall(found, exact)
             del index
@@ -231,7 +236,7 @@ def main() -> None:
                             ann_probe=args.probe)
             users_s, latencies = scorer_rate(scorer, rows, args.seconds)
             served.append(row_text(
-                rows, kind, f"IVF probe {min(args.probe, lists)}/{lists:,}", users_s, latencies,
+                rows, kind, f"IVF {scorer.ann_index.codes}, probe {min(args.probe, lists)}/{lists:,}", users_s, latencies,
                 f"{chosen_recall:.4f}", f"{scorer.ann_index.nbytes() / 2 ** 20:,.0f} (index)",
                 f"{scorer.ann_index.build_seconds:.1f}",
                 ratio=users_s / exact_scorer_row[0]))

@@ -26,11 +26,12 @@ def clustered(rows: int, dim: int, seed: int, clusters: int = 12) -> torch.Tenso
         + 0.4 * torch.randn(rows, dim, generator=g)
 
 
-def test_an_exhaustive_search_is_the_exact_top_k():
+@pytest.mark.parametrize("codes", ["flat", "fp16"])
+def test_an_exhaustive_search_is_the_exact_top_k(codes):
     pytest.importorskip("faiss")
     weight = clustered(N_ITEMS, 16, 0)
     users = torch.randn(6, 16, generator=torch.Generator().manual_seed(1))
-    index = ItemIndex.build(weight, N_KNOWN, probe=2)
+    index = ItemIndex.build(weight, N_KNOWN, probe=2, codes=codes)
     exclude = [[], [5, 6, 7], list(range(1, 300)), [], [N_KNOWN - 1], []]
     for ex in (None, exclude):
         scores, items = index.search(users, 10, ex, exhaustive=True)
@@ -60,6 +61,8 @@ def test_bad_arguments_are_refused():
     weight = clustered(100, 8, 4)
     with pytest.raises(ValueError, match="kind must be one of"):
         ItemIndex.build(weight, 100, kind="lsh")
+    with pytest.raises(ValueError, match="codes must be one of"):
+        ItemIndex.build(weight, 100, codes="pq8")
     with pytest.raises(ValueError, match="n_known 101"):
         ItemIndex.build(weight, 101)
     with pytest.raises(ValueError, match="probe must be at least 1"):

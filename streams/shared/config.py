@@ -37,7 +37,7 @@ class StreamConfig:
     # auto: the index above --ann-items if faiss is installed, else exact block by block (a
     # warning logged); faiss: the same, but an error at start without faiss; exact: never.
     ann: str = "auto"
-    ann_probe: int = 32     # index lists searched per user: more, higher recall and slower
+    ann_probe: int = 48     # index lists searched per user: more, higher recall and slower
     exclude_seen: bool = False  # leave out items among the user's last 50
     producer_batch_bytes: int = 1_048_576   # per partition batch of the worker's producer
     producer_linger_ms: float = 2.0  # how long the producer waits to fill a batch

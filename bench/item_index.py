@@ -235,9 +235,10 @@ def main() -> None:
             scorer = Scorer(model, item_ids, "bench", trace_step=True, ann="faiss", ann_items=0,
                             ann_probe=args.probe)
             users_s, latencies = scorer_rate(scorer, rows, args.seconds)
+            ranking = f"IVF {scorer.ann_index.codes}, probe {min(args.probe, lists)}/{lists:,}"
             served.append(row_text(
-                rows, kind, f"IVF {scorer.ann_index.codes}, probe {min(args.probe, lists)}/{lists:,}", users_s, latencies,
-                f"{chosen_recall:.4f}", f"{scorer.ann_index.nbytes() / 2 ** 20:,.0f} (index)",
+                rows, kind, ranking, users_s, latencies, f"{chosen_recall:.4f}",
+                f"{scorer.ann_index.nbytes() / 2 ** 20:,.0f} (index)",
                 f"{scorer.ann_index.build_seconds:.1f}",
                 ratio=users_s / exact_scorer_row[0]))
             print(served[-1], flush=True)

@@ -110,6 +110,25 @@ def test_replay_is_time_ordered_and_resumable(kafka_bootstrap_server, tmp_path):
     assert later.timestamps.min() >= 1040 and len(later.rows) < len(events.rows)
 
 
+def test_a_replay_with_max_rate_spreads_the_logs_bursts_out(kafka_bootstrap_server, tmp_path):
+    log = write_log(tmp_path / "log.csv")               # 56 events, 6 in each log second
+    topic = f"paced-{uuid.uuid4().hex[:8]}"
+    cfg = ReplayConfig(broker=kafka_bootstrap_server, interactions_topic=topic, partitions=1,
+                       progress_file=str(tmp_path / "progress.json"), progress=False,
+                       max_rate=200.0)                  # flat out, but paced
+    assert replay(str(log), cfg) == 56
+    consumer = Consumer({"bootstrap.servers": kafka_bootstrap_server, "group.id": uuid.uuid4().hex,
+                         "auto.offset.reset": "earliest"})
+    consumer.subscribe([topic])
+    sent_ms = []
+    deadline = time.monotonic() + 60
+    while len(sent_ms) < 56 and time.monotonic() < deadline:
+        sent_ms += [m.timestamp()[1] for m in consumer.consume(100, 1.0) if not m.error()]
+    consumer.close()
+    # Flat out they would go in a few ms; paced, 56 events take at least 55 x 5 ms.
+    assert len(sent_ms) == 56 and max(sent_ms) - min(sent_ms) >= 55 * 5 - 2
+
+
 def test_an_interrupted_replay_records_what_it_sent_and_the_next_run_sends_the_rest_once(
         kafka_bootstrap_server, tmp_path, monkeypatch):
     """Ctrl-C in the middle of a chunk (here while a time-scaled replay waits): what was sent

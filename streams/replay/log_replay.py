@@ -35,6 +35,9 @@ class ReplayConfig:
     partitions: int = 4  # partitions of the topic if it is created
     k_core: int = 0                 # 5 = the offline protocol's filter; 0 = every event
     speed: float = 0.0              # log seconds per wall second; 0 = as fast as possible
+    # at most this many events per second, evenly spaced: a burst of the log (many events of
+    # one second) is spread out instead of sent at once; 0 = no limit
+    max_rate: float = 0.0
     start: str = ""                 # log time to start at (epoch seconds or ISO 8601)
     progress_file: str = ""         # default: runs/replay/<source>-<topic>.json
     progress: bool = True  # show a progress bar
@@ -103,14 +106,16 @@ def replay(source: str, cfg: ReplayConfig) -> int:
         progress_path.write_text(json.dumps({**identity, "delivered": delivered}))
         bar.update(delivered - bar.n)
 
-    sent = 0
+    sent, next_at = 0, 0.0          # next_at: the earliest time the next event may go (max_rate)
     try:
         for index in range(done, len(events.rows)):
-            if cfg.speed:
-                wait = ((events.timestamps[index] - log_start) / cfg.speed
-                        - (time.monotonic() - wall_start))
-                if wait > 0:
-                    time.sleep(wait)
+            due = wall_start + (events.timestamps[index] - log_start) / cfg.speed \
+                if cfg.speed else 0.0
+            wait = max(due, next_at) - time.monotonic()
+            if wait > 0:
+                time.sleep(wait)
+            if cfg.max_rate:
+                next_at = max(next_at, time.monotonic()) + 1 / cfg.max_rate
             user = str(events.users[index])
             producer.produce(cfg.interactions_topic, key=user.encode(), on_delivery=on_delivery,
                              value=encode_interaction({

@@ -9,7 +9,8 @@ restarts from a prefill of its last 50 items, then steps on; the stream rebuilds
 time after it went idle, so its cost is at most this.
 
 Bytes: users cold at the end of the log (idle longer than T at its last event) times the
-bytes a snapshot takes; and RocksDB bytes per user measured on a real worker table (Faust's
+bytes a snapshot takes; the judgments whose hit the tier changed, both ways, with the
+sign test's z of the difference (|z| < 2: not told apart from chance); and RocksDB bytes per user measured on a real worker table (Faust's
 store, this project's write path) before and after a sweep made every user cold.
 
     .venv/bin/python bench/cold_tier.py --checkpoint /tmp/ann/ml-1m-mlsa4rec-s.pt
@@ -68,6 +69,10 @@ def top10(ranks: np.ndarray) -> dict:
     return metrics_at(ranks, (10,))
 
 
+def top10_hits(ranks: np.ndarray) -> np.ndarray:
+    return (ranks >= 1) & (ranks <= 10)
+
+
 def snapshot_bytes(model) -> int:
     from streams.worker.scoring import Scorer
     scorer = Scorer(model, ["[PAD]"] + [f"i{i}" for i in range(1, 4)], "v")
@@ -84,7 +89,9 @@ def accuracy(args) -> None:
     for user, item, ts in zip(events.users, events.items, events.timestamps):
         users.setdefault(str(user), []).append(index.get(str(item), -1))
         times.setdefault(str(user), []).append(float(ts))
-    names = sorted(users)[:args.users] if args.users else sorted(users)
+    names = sorted(users)
+    if args.users:                      # evenly spaced: a sample across the whole id range
+        names = [names[i] for i in np.linspace(0, len(names) - 1, args.users).astype(int)]
     sequences = [np.array(users[u]) for u in names]
     stamps = [np.array(times[u]) for u in names]
     end = float(events.timestamps[-1])
@@ -96,17 +103,23 @@ def accuracy(args) -> None:
           f"clicks, {sum(len(r) for r in plain)} judged; state {state} bytes (fp32); "
           f"checkpoint {args.checkpoint} (version {payload.get('version')})")
     print(f"{'idle T':>10} {'HR@10':>8} {'NDCG@10':>8} {'dHR@10':>9} {'dNDCG@10':>9} "
-          f"{'restarts':>9} {'cold at end':>12} {'GB saved':>9}")
+          f"{'restarts':>9} {'cold at end':>12} {'GB saved':>9} {'hits +/-':>13} {'z':>6}")
     print(f"{'off':>10} {base['hr@10']:8.4f} {base['ndcg@10']:8.4f} {'':>9} {'':>9} "
           f"{0:9d} {0:12d} {0:9.3f}")
+    hit_off = top10_hits(np.concatenate(plain))
     for days in args.days:
         idle = days * DAY
-        on = top10(ranks_with_cold_tier(model, sequences, stamps, idle, args.history_len, plain))
+        ranks_on = ranks_with_cold_tier(model, sequences, stamps, idle, args.history_len, plain)
+        on, hit_on = top10(ranks_on), top10_hits(ranks_on)
+        # Judgments whose top-10 hit the tier changed, both ways: a sign test of the HR@10 change
+        gained, lost = int((hit_on & ~hit_off).sum()), int((hit_off & ~hit_on).sum())
+        z = (gained - lost) / max(1.0, np.sqrt(gained + lost))
         n_restarts = sum(len(restarts(ts, idle)) for ts in stamps)
         cold_end = sum(end - ts[-1] > idle for ts in stamps)
         print(f"{days:8g} d {on['hr@10']:8.4f} {on['ndcg@10']:8.4f} "
               f"{on['hr@10'] - base['hr@10']:+9.4f} {on['ndcg@10'] - base['ndcg@10']:+9.4f} "
-              f"{n_restarts:9d} {cold_end:12d} {cold_end * state / 1e9:9.3f}")
+              f"{n_restarts:9d} {cold_end:12d} {cold_end * state / 1e9:9.3f} "
+              f"{f'+{gained}/-{lost}':>13} {z:+6.1f}")
     print(f"({time.perf_counter() - started:.0f} s)")
 
 
@@ -163,7 +176,11 @@ def table_bytes(args) -> None:
         sweep.saw([Event("x", "y", "z", 10 ** 12, 0)])
         cache = StateCache(None, torch.float32, 2)
         started, n_writes, passes = time.perf_counter(), 0, 0
+        scan_seconds = 0.0
         while True:
+            scan_started = time.perf_counter()
+            sweep.scan(table)
+            scan_seconds += time.perf_counter() - scan_started
             out = sweep.sweep(table, cache)
             asyncio.run(table.write(out))
             n_writes += len(out)
@@ -176,8 +193,9 @@ def table_bytes(args) -> None:
         print(f"RocksDB (one partition, compacted): {n} users with a record and a snapshot "
               f"{hot / n:,.0f} bytes/user; after the sweep made them cold {cold / n:,.0f} "
               f"bytes/user (target <= 4,096); the sweep: {sweep.made_cold} users made cold in "
-              f"{passes} flushes of {sweep.keys_per_flush} keys, {seconds / passes * 1000:.1f} ms "
-              f"per flush (reads and writes)")
+              f"{passes} scans of {sweep.keys_per_flush} keys: {scan_seconds / passes * 1000:.1f} ms "
+              f"per scan (its thread), {(seconds - scan_seconds) / passes * 1000:.1f} ms per "
+              f"flush for the checks and the writes")
         db.close()
 
 
@@ -187,7 +205,7 @@ def main() -> None:
     parser.add_argument("--dataset", default="ml-1m")
     parser.add_argument("--days", type=float, nargs="+", default=[1, 7, 30])
     parser.add_argument("--history-len", type=int, default=50)
-    parser.add_argument("--users", type=int, default=0, help="the first N users (0 = all)")
+    parser.add_argument("--users", type=int, default=0, help="N users evenly spaced by id (0 = all)")
     parser.add_argument("--table-users", type=int, default=2000)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-accuracy", action="store_true")

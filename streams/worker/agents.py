@@ -304,6 +304,9 @@ class ScoringAgent:
                 # A new version goes in before a batch; on a quiet stream this is the batch,
                 # so that requests (`answer`) get it without waiting for a click.
                 self.request_flush()
+            if self.cold is not None and not self.rebalancing:
+                # The cold tier's key walk, in a thread: it reads the snapshots it passes.
+                asyncio.get_running_loop().run_in_executor(None, self.cold.scan, self.table)
             self.check_stall()
 
     def check_stall(self) -> None:

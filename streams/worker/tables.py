@@ -79,6 +79,10 @@ class StateTable:
     def read_many(self, partition: int, keys: list[bytes]) -> list[bytes | None]:
         return self.store._db_for_partition(partition).get(keys)
 
+    def is_open(self, partition: int) -> bool:
+        """The partition's database is open on this worker (assigned, recovered)."""
+        return partition in self.store._dbs
+
     def scan(self, partition: int, start: bytes, limit: int) -> tuple[list[bytes], bytes | None]:
         """Up to `limit` keys of a partition's database from `start` on, in key order, and the
         key to go on from (None: the end). Nothing for a partition not open on this worker."""

@@ -119,8 +119,8 @@ def accuracy(args) -> None:
         print(f"{days:8g} d {on['hr@10']:8.4f} {on['ndcg@10']:8.4f} "
               f"{on['hr@10'] - base['hr@10']:+9.4f} {on['ndcg@10'] - base['ndcg@10']:+9.4f} "
               f"{n_restarts:9d} {cold_end:12d} {cold_end * state / 1e9:9.3f} "
-              f"{f'+{gained}/-{lost}':>13} {z:+6.1f}")
-    print(f"({time.perf_counter() - started:.0f} s)")
+              f"{f'+{gained}/-{lost}':>13} {z:+6.1f}", flush=True)
+    print(f"({time.perf_counter() - started:.0f} s)", flush=True)
 
 
 class _AckAll:

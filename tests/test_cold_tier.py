@@ -7,6 +7,7 @@ writes through the real RocksDB table: a tombstone in the changelog, the key gon
 from __future__ import annotations
 
 import asyncio
+import time
 from types import SimpleNamespace
 
 import faust
@@ -21,6 +22,7 @@ from streams.worker.scoring import Scorer, UserRecord, snapshot_key
 from streams.worker.tables import StateTable, user_state_table
 from tests.test_scoring import ITEM_IDS, N_ITEMS, offline_top_k, small_model
 from tests.test_state_cache import PARTITIONS, DictTable, make_agent, write
+from tests.test_stream_e2e import checkpoint  # noqa: F401 - the fixture
 
 IDLE_S = 1000.0
 
@@ -230,3 +232,73 @@ def test_the_sweeps_writes_on_the_rocksdb_table_tombstone_the_changelog(tmp_path
     assert table.scan(1, b"", 100) == ([], None)            # not open here: not opened
     assert 1 not in table.store._dbs
     db.close()
+
+
+def test_a_real_worker_makes_an_idle_user_cold_and_tombstones_its_snapshot_in_the_changelog(
+        kafka_bootstrap_server, checkpoint, tmp_path):
+    """`mlsa4rec worker --cold-after-s 60` on the real broker: the idle user's snapshot key
+    ends in a tombstone in the changelog (gone from its compacted view) and its next click is
+    the offline prefill of its last 50 items; its partition's other user stays exact."""
+    import uuid
+
+    from confluent_kafka import Consumer
+
+    from streams.shared.clients import produce_clicks
+    from streams.worker.queries import partition_of
+    from tests.test_stream_e2e import (ITEM_IDS as E2E_ITEMS, PARTITIONS as E2E_PARTITIONS,
+                                       Worker, assert_matches_offline, collect,
+                                       offline_expectation)
+    path, model = checkpoint
+    name = uuid.uuid4().hex[:8]
+    worker = Worker(kafka_bootstrap_server, path, tmp_path, name)
+    worker.args += ["--cold-after-s", "60", "--snapshot-every", "4"]
+    idle_user = "user-idle"
+    other = next(f"user-{n}" for n in range(100) if partition_of(f"user-{n}", E2E_PARTITIONS)
+                 == partition_of(idle_user, E2E_PARTITIONS))
+    t0 = 1_700_000_000_000
+
+    def c(user, n, seconds):
+        return {"event_id": f"{user}-{n}", "user_id": user, "item_id": E2E_ITEMS[1 + n * 7 % 29],
+                "event_type": "CLICK", "timestamp": t0 + int(seconds * 1000), "properties": None}
+
+    idle = [c(idle_user, n, n) for n in range(60)]
+    others = [c(other, n, 30 + n * 40) for n in range(6)]          # up to t0 + 230 s
+    comeback = [c(idle_user, 60, 300), c(other, 6, 300)]
+    topic = f"interactions-{name}"
+    changelog = f"scorer-{name}-user-state-changelog"
+    snapshot = snapshot_key(idle_user.encode())
+    worker.start()
+    try:
+        worker.wait_ready()
+        produce_clicks(kafka_bootstrap_server, topic, idle + others)
+        collect(kafka_bootstrap_server, f"recommendations-{name}",
+                {e["event_id"] for e in idle + others})
+        consumer = Consumer({"bootstrap.servers": kafka_bootstrap_server,
+                             "group.id": uuid.uuid4().hex, "auto.offset.reset": "earliest"})
+        consumer.subscribe([changelog])
+        log, deadline = [], time.monotonic() + 60
+        while not any(k == snapshot and v is None for k, v in log):
+            assert time.monotonic() < deadline, worker.log_tail()
+            msg = consumer.poll(0.5)
+            if msg is not None and not msg.error():
+                log.append((msg.key(), msg.value()))
+        consumer.close()
+        compacted = {}
+        for key, value in log:
+            compacted[key] = value
+        assert compacted[snapshot] is None                       # a restore does not keep it
+        assert is_cold(UserRecord.from_bytes(compacted[idle_user.encode()]))
+        assert compacted.get(snapshot_key(other.encode())) is not None
+        produce_clicks(kafka_bootstrap_server, topic, comeback)
+        got = collect(kafka_bootstrap_server, f"recommendations-{name}",
+                      {e["event_id"] for e in comeback})
+        prefill = offline_expectation(model, idle[-50:] + comeback[:1])
+        exact = offline_expectation(model, others + comeback[1:])
+        assert_matches_offline({k: got[k] for k in (comeback[0]["event_id"],)},
+                               {comeback[0]["event_id"]: prefill[comeback[0]["event_id"]]})
+        assert_matches_offline({comeback[1]["event_id"]: got[comeback[1]["event_id"]]},
+                               {comeback[1]["event_id"]: exact[comeback[1]["event_id"]]})
+        full = offline_expectation(model, idle + comeback[:1])[comeback[0]["event_id"]]
+        assert not torch.allclose(full[1], prefill[comeback[0]["event_id"]][1], atol=1e-4)
+    finally:
+        worker.stop()

@@ -305,6 +305,8 @@ class ScoringAgent:
                 # so that requests (`answer`) get it without waiting for a click.
                 self.request_flush()
             if self.cold is not None and not self.rebalancing:
+                if self.cold.candidates and self.unscored == 0:
+                    self.request_flush()        # the last scan's users, without a click
                 # The cold tier's key walk, in a thread: it reads the snapshots it passes.
                 asyncio.get_running_loop().run_in_executor(None, self.cold.scan, self.table)
             self.check_stall()

@@ -2,7 +2,8 @@
 longer than cold_after by event time loses its snapshot (table and compacted changelog) and its
 next click is the offline model's prefill of its last 50 items; a user not idle stays exact; a
 sweep cut short by a crash loses nothing and a repeated one changes nothing. Then the sweep's
-writes through the real RocksDB table: a tombstone in the changelog, the key gone locally."""
+writes through the real RocksDB table: a tombstone in the changelog, the key gone locally; and
+a real worker on the real broker (the fixtures of tests/test_stream_e2e.py)."""
 
 from __future__ import annotations
 

@@ -37,7 +37,7 @@ class StreamConfig:
     # auto: the index above --ann-items if faiss is installed, else exact block by block (a
     # warning logged); faiss: the same, but an error at start without faiss; exact: never.
     ann: str = "auto"
-    ann_probe: int = 48     # index lists searched per user: more, higher recall and slower
+    ann_probe: int = 32     # index lists searched per user: more, higher recall and slower
     exclude_seen: bool = False  # leave out items among the user's last 50
     producer_batch_bytes: int = 1_048_576   # per partition batch of the worker's producer
     producer_linger_ms: float = 2.0  # how long the producer waits to fill a batch
@@ -114,6 +114,9 @@ class TrainerConfig:
     recent_users: int = 2000  # users kept in the buffer because they clicked last
     reservoir_users: int = 2000  # users kept in the buffer by reservoir sampling (older traffic)
     item_chunk: int = 256               # spare embedding rows added at a time for new items
+    # new items clicked in a round's samples start from the contexts that led to them, not the
+    # items' mean: recommendable in the next version (model/finetune.py imprint_new_items)
+    imprint_new_items: bool = True
     max_items: int = 1_000_000          # vocabulary cap: clicks on further new items are skipped
     device: str = "auto"  # torch device: auto (cuda if available), cpu or cuda[:n]
     threads: int = 0  # torch CPU threads; 0 = torch's default

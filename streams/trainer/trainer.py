@@ -99,7 +99,8 @@ class OnlineTrainer:
         max_len = candidate.config.max_len
         loss = fine_tune(candidate, optimizer, sequences,
                          FineTuneConfig(cfg.steps, cfg.batch_size, cfg.lr, max_len),
-                         self.rng, self.device)
+                         self.rng, self.device,
+                         first_new=self.serving.n_known if cfg.imprint_new_items else None)
         examples = self.buffer.holdout_examples()
         cand_metrics, serving_metrics, anchor_metrics, accept = {}, {}, {}, True
         if len(examples) >= cfg.min_holdout:

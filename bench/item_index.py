@@ -169,8 +169,8 @@ def main() -> None:
                         help="HNSW efSearch, table 1 (default 16 32 64 128)")
     parser.add_argument("--hnsw-max-items", type=int, default=100_000,
                         help="build HNSW up to this many items (slow to build; default 100000)")
-    parser.add_argument("--probe", type=int, default=48,
-                        help="IVF probe of the scorer in table 2 (default 48, the worker's)")
+    parser.add_argument("--probe", type=int, default=32,
+                        help="IVF probe of the scorer in table 2 (default 32, the worker's)")
     parser.add_argument("--queries", type=int, default=1024,
                         help="ML-1M users whose representations are the queries (default 1024)")
     parser.add_argument("--seconds", type=float, default=6.0,

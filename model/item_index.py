@@ -76,7 +76,7 @@ class ItemIndex:
 
     @classmethod
     def build(cls, item_weight: torch.Tensor, n_known: int, kind: str = "ivf",
-              lists: int = 0, probe: int = 48, hnsw_links: int = 32, threads: int = 1,
+              lists: int = 0, probe: int = 32, hnsw_links: int = 32, threads: int = 1,
               seed: int = 0, codes: str = "fp16") -> "ItemIndex":
         """item_weight: (rows, hidden), the model's item embedding; rows 1..n_known-1 are
         indexed. lists: IVF lists (0 = default_lists(items)); probe: lists searched per user

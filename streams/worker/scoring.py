@@ -140,7 +140,7 @@ class Scorer:
                  history_len: int = HISTORY_LEN, rebuild_states: bool = True,
                  keep_states_for_versions: int = 0, offsets_of: str = "",
                  trace_step: bool = False, exact_rank_items: int = 65_536,
-                 ann: str = "exact", ann_items: int = 100_000, ann_probe: int = 48):
+                 ann: str = "exact", ann_items: int = 100_000, ann_probe: int = 32):
         """offsets_of: identity of the topic the events' offsets count in (the worker passes
         the Kafka topic id of `interactions`): a record whose offsets count in another topic,
         one deleted and created again under the same name, does not judge these events by

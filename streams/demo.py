@@ -51,11 +51,19 @@ class DemoConfig:
     trainer_nice: int = 10            # the trainer's niceness: the worker comes first
 
 
+# model/ files that only serve or fine-tune a trained model: they do not change a warm start.
+NOT_TRAINING_CODE = {"finetune.py", "item_index.py", "prequential.py", "ranking.py", "state.py",
+                     "traced.py"}
+
+
 def warm_start_key(recipe) -> str:
     """The warm start's cache key: its recipe (data, model, cut-off, epochs, seed...) and the
-    code that trains and runs the model (model/), so a change of either trains anew."""
+    code that trains the model (model/ but NOT_TRAINING_CODE), so a change of either trains
+    anew."""
     digest = hashlib.sha256(json.dumps(dataclasses.asdict(recipe), sort_keys=True).encode())
     for source in sorted((REPO / "model").rglob("*.py")):
+        if source.parent.name == "model" and source.name in NOT_TRAINING_CODE:
+            continue
         digest.update(source.relative_to(REPO).as_posix().encode() + source.read_bytes())
     return digest.hexdigest()[:12]
 

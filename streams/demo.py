@@ -220,6 +220,10 @@ def run_demo(cfg: DemoConfig) -> dict:
     print(f"   latency ms: {json.dumps({k: round(v) for k, v in summary['latency_ms'].items()})}, "
           f"{summary['throughput_per_s']:.0f} recommendations/s, "
           f"{len(summary['by_version'])} model versions served")
+    print("   depends on the machine: latency, throughput, and the stream's HR/NDCG once a "
+          "fine-tuned version serves (which versions serve when); not: the warm start's and "
+          "the offline figures, and the stream's while the starting model serves (equal to "
+          "the offline ones)")
     print(f"   report: {page}")
     return {"summary": summary, "offline": offline, "report": str(page)}
 

@@ -133,6 +133,9 @@ ignored; throughput {summary['throughput_per_s']:.0f} recommendations/s.</p>
 {_table(rows, ["", *[m.upper() for m in metric_names]])}
 {groups}
 <h2>Latency (ms)</h2>
+<p>From the click's Kafka timestamp to the recommendation's <code>produced_at</code>. Latency and
+throughput depend on the machine; the offline figures do not, nor do the stream's while the
+starting model serves (they equal the offline ones).</p>
 {_table([[k, f"{v:.0f}"] for k, v in latency.items()], ["percentile", "ms"])}
 <h2>Model versions</h2>
 {_table(version_rows, ["mark", "version", "first served (UTC)", "judged", "HR@10"])}

@@ -140,6 +140,7 @@ class ScoringAgent:
         self.writer = RecommendationWriter(scorer.item_ids)
         self.cold = ColdSweep(cfg.cold_after_s, scorer.history_len) if cfg.cold_after_s \
             else None
+        self.cold_scan: asyncio.Future | None = None
         self.popular = PopularItems(cfg.popular_window_s)
         # Requests waiting for the model thread; one job there answers all that are waiting.
         self.requests: deque[tuple[Query, Future]] = deque()
@@ -307,8 +308,11 @@ class ScoringAgent:
             if self.cold is not None and not self.rebalancing:
                 if self.cold.candidates and self.unscored == 0:
                     self.request_flush()        # the last scan's users, without a click
-                # The cold tier's key walk, in a thread: it reads the snapshots it passes.
-                asyncio.get_running_loop().run_in_executor(None, self.cold.scan, self.table)
+                # The cold tier's key walk, in a thread: it reads the snapshots it passes. One
+                # at a time: a slow walk must not pile up behind the timer's ticks.
+                if self.cold_scan is None or self.cold_scan.done():
+                    self.cold_scan = asyncio.get_running_loop().run_in_executor(
+                        None, self.cold.scan, self.table)
             self.check_stall()
 
     def check_stall(self) -> None:

@@ -116,7 +116,8 @@ class TrainerConfig:
     item_chunk: int = 256               # spare embedding rows added at a time for new items
     # new items clicked in a round's samples start from the contexts that led to them, not the
     # items' mean, so they can be recommended in the next version (model/finetune.py
-    # imprint_new_items); off: in make run its one round was refused by the gate (RESULTS 4d)
+    # imprint_new_items); off: over make run's rounds its candidates were worse on the holdout
+    # and refused by the gate (RESULTS 4d, bench/imprint_rounds.py)
     imprint_new_items: bool = False
     max_items: int = 1_000_000          # vocabulary cap: clicks on further new items are skipped
     device: str = "auto"  # torch device: auto (cuda if available), cpu or cuda[:n]

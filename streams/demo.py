@@ -16,7 +16,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -28,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from streams.shared.local_broker import REPO
+from streams.shared.local_broker import REPO, free_ports
 
 
 @dataclass
@@ -160,7 +159,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         print(f"== 2. broker {broker}; starting the scorer"
               + (" and the trainer" if cfg.fine_tune else ""), flush=True)
         common = ["--broker", broker, "--model-store", str(out / f"models-{run_id}")]
-        port = _free_port()
+        port = free_ports(1)[0]
         worker = _start(["worker", *common, "--checkpoint", str(checkpoint),
                          "--data-dir", str(out / f"worker-{run_id}"), "--metrics-port", str(port),
                          "--batch-max", str(cfg.batch_max), "--log-level", "warning"],
@@ -226,12 +225,6 @@ def run_demo(cfg: DemoConfig) -> dict:
           "the offline ones)")
     print(f"   report: {page}")
     return {"summary": summary, "offline": offline, "report": str(page)}
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def _wait_ready(process: subprocess.Popen, port: int, timeout_s: float = 300.0) -> float:

@@ -90,13 +90,12 @@ def groups(known_items: set[str], known_users: set[str]):
     return group_of
 
 
-def offline_prequential(checkpoint: Path, events, group_of) -> dict | None:
-    """What the stream gives without fine-tuning: the starting model over the same events
-    (steppable models; None for a window model), overall and by group."""
-    from model.checkpoint import load_checkpoint
+def offline_prequential(model, payload: dict, events, group_of) -> dict | None:
+    """What the stream gives without fine-tuning: the starting model (and its checkpoint's
+    payload) over the same events (steppable models; None for a window model), overall and by
+    group."""
     from model.prequential import metrics_at, next_item_ranks
 
-    model, payload = load_checkpoint(checkpoint)
     if not model.steppable:
         return None              # a window model's offline ranks are not computed here
     index = {raw: i for i, raw in enumerate(payload["item_ids"])}
@@ -118,6 +117,7 @@ def offline_prequential(checkpoint: Path, events, group_of) -> dict | None:
 def run_demo(cfg: DemoConfig) -> dict:
     import torch
 
+    from model.checkpoint import load_checkpoint
     from model.training import TrainConfig, train_to_checkpoint
     from streams.replay.evaluation import run_evaluate_stream
     from streams.shared.local_broker import local_kafka
@@ -147,8 +147,10 @@ def run_demo(cfg: DemoConfig) -> dict:
     print(f"== offline reference: the starting model over the {len(replayed.rows)} events "
           "after the cut-off, no fine-tuning", flush=True)
     before = events.timestamps < cutoff
-    group_of = groups(set(_item_ids(checkpoint)), {str(u) for u in events.users[before]})
-    offline = offline_prequential(checkpoint, replayed, group_of)
+    start_model, payload = load_checkpoint(checkpoint)
+    group_of = groups(set(payload["item_ids"][1:]),          # [0] is the padding item
+                      {str(u) for u in events.users[before]})
+    offline = offline_prequential(start_model, payload, replayed, group_of)
 
     run_id = uuid.uuid4().hex[:8]
     env = dict(os.environ, PYTHONPATH=str(REPO), MLSA4REC_THREADS=str(cfg.threads))
@@ -242,11 +244,6 @@ def _wait_ready(process: subprocess.Popen, port: int, timeout_s: float = 300.0) 
         if time.monotonic() - started > timeout_s:
             raise RuntimeError(f"the scorer was not ready after {timeout_s:.0f} s")
         time.sleep(0.2)
-
-
-def _item_ids(checkpoint: Path) -> list[str]:
-    from model.checkpoint import load_checkpoint
-    return load_checkpoint(checkpoint)[1]["item_ids"][1:]        # [0] is the padding item
 
 
 def _start(args: list[str], log: Path, env: dict, nice: int = 0) -> subprocess.Popen:

@@ -23,6 +23,7 @@ from model.training import pick_device
 from faust.types import TP
 
 from streams.worker.agents import ScoringAgent
+from streams.worker.consumer import Transport
 from streams.worker.producer import AsyncProducer, producer_config
 from streams.worker.queries import RecommendationsEndpoint, partition_of
 from streams.shared.config import StreamConfig, use_configured_schemas
@@ -96,6 +97,9 @@ def create_app(cfg: StreamConfig, scorer: Scorer, metrics: WorkerMetrics | None 
         # for a user of another worker's partition is forwarded (streams/worker/queries.py).
         canonical_url=worker_url(cfg),
     )
+    # Before anything asks for the consumer: the one that seeks a partition never committed
+    # back to its beginning after a recovery (streams/worker/consumer.py).
+    app.transport = Transport(app.conf.broker_consumer, app)
     hold_events_until_streams_resume(app)
     interactions = raw_topic(app, cfg.interactions_topic, cfg.partitions)
     agent = ScoringAgent(

@@ -260,6 +260,8 @@ def print_summary(rows, restored, args) -> None:
           f" MB ({big['changelog record bytes'] / big['users']:,.0f} B/user) for the "
           f"{big['users']:,}-user run; its partition folders on the broker in all (with "
           f"preallocated indexes) {big['changelog folders bytes'] / 1e6:,.1f} MB")
+    if restored is None:
+        return
     seconds, ok = restored["first click answered s"], restored["health ok s"]
     health = f"{ok:.1f} s" if ok is not None else f"not ok 30 s later: {restored['health status']!r}"
     print(f"restore of the {big['users']:,}-user table from the changelog alone (fresh worker, "
@@ -295,6 +297,7 @@ def parse_args():
     parser.add_argument("--worker-ref", default=None,
                         help="run the workers of this git ref (a temporary worktree; e.g. HEAD, "
                              "while others edit the tree); default: this tree")
+    parser.add_argument("--skip-restore", action="store_true", help="no restore at the end")
     parser.add_argument("--keep", action="store_true", help="keep the data dirs and broker data")
     return parser.parse_args()
 
@@ -315,7 +318,8 @@ def main():
                                       kafka_data / "logs"))
                 print(json.dumps({k: v for k, v in rows[-1].items() if k != "data_dir"}),
                       flush=True)
-            restored = restore(bootstrap, checkpoint, rows[-1], args, tmp)
+            restored = None if args.skip_restore else restore(bootstrap, checkpoint, rows[-1],
+                                                              args, tmp)
             print(json.dumps(restored), flush=True)
         print_summary(rows, restored, args)
     finally:

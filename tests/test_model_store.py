@@ -114,6 +114,8 @@ def test_worker_health_fails_while_recovering_and_once_the_watcher_stops(tmp_pat
     agent = SimpleNamespace(started=True, scorer=SimpleNamespace(version="v0"),
                             counts={"applied": 3}, failure=None, stalled=None)
     recovery = SimpleNamespace(completed=threading.Event(), in_recovery=False)
+    assert worker_health(agent, recovery) == (False, {"model_version": "v0", "applied": 3,
+                                                      "status": "recovering"})  # the first one
     recovery.completed.set()
     watcher = ModelWatcher("127.0.0.1:1", "model-updates", ModelStore(tmp_path / "models"),
                            on_model=None, current_version="v0")

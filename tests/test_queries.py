@@ -255,7 +255,7 @@ def test_a_stall_is_reported_once_with_the_consumers_state_and_never_stops_the_w
     def state():
         calls.append(1)
         return True, {"partitions": {0: {"end": 9, "read": 3, "paused": True}}}
-    agent = types.SimpleNamespace(input_state=state, stall_reported=False,
+    agent = types.SimpleNamespace(input_state=state, stall_reported=False, recovery=None,
                                   last_event_at=agents.time.monotonic())
     agents.ScoringAgent.check_stall(agent)
     assert not calls                                  # a click came recently: nothing asked
@@ -269,8 +269,33 @@ def test_a_stall_is_reported_once_with_the_consumers_state_and_never_stops_the_w
 
     def broken():
         raise KeyError("not assigned")
-    agent = types.SimpleNamespace(input_state=broken, stall_reported=False,
+    agent = types.SimpleNamespace(input_state=broken, stall_reported=False, recovery=None,
                                   last_event_at=agents.time.monotonic() - 100)
     with caplog.at_level("WARNING"):
         agents.ScoringAgent.check_stall(agent)         # no exception: the worker goes on
     assert "could not be read: KeyError('not assigned')" in caplog.text
+
+
+def test_a_table_restore_is_not_a_stall_and_the_idle_clock_starts_when_it_ends():
+    import threading
+    import types
+
+    from streams.worker import agents
+
+    recovery = types.SimpleNamespace(completed=threading.Event(), in_recovery=False)
+    agent = types.SimpleNamespace(input_state=lambda: (True, {}), stall_reported=False,
+                                  stalled=None, recovery=recovery,
+                                  last_event_at=agents.time.monotonic() - 100)
+    agents.ScoringAgent.check_stall(agent)            # the first restore, minutes long
+    assert agent.stalled is None
+    recovery.completed.set()
+    recovery.in_recovery = True                       # a later rebalance's restore
+    agent.last_event_at -= 100
+    agents.ScoringAgent.check_stall(agent)
+    assert agent.stalled is None
+    recovery.in_recovery = False                      # restored: idle since just now
+    agents.ScoringAgent.check_stall(agent)
+    assert agent.stalled is None
+    agent.last_event_at -= agents.STALL_S + 1         # and then nothing for STALL_S
+    agents.ScoringAgent.check_stall(agent)
+    assert agent.stalled.startswith("no click for")

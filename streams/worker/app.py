@@ -281,11 +281,13 @@ def worker_health(agent, recovery, watcher=None) -> tuple[bool, dict]:
     later rebalance's recovery runs ("recovering": Faust's `completed` stays set after the
     first one, `in_recovery` tells), and as long as the model watcher (when there is one)
     still follows `model-updates`. A readiness signal: a long restore is not a dead worker."""
-    ok = agent.started and recovery.completed.is_set()
+    ok = True
     details = {"model_version": agent.scorer.version, **agent.counts}
     if agent.failure is not None:                        # the worker is stopping
         ok, details["status"] = False, f"failed: {agent.failure!r}"
-    elif ok and recovery.in_recovery:
+    elif not agent.started:
+        ok, details["status"] = False, "starting"
+    elif not recovery.completed.is_set() or recovery.in_recovery:
         ok, details["status"] = False, "recovering"
     elif agent.stalled:
         ok, details["status"] = False, f"stalled: {agent.stalled}"

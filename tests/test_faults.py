@@ -8,6 +8,8 @@ import threading
 import time
 import uuid
 
+import pytest
+
 from streams.shared.clients import produce_clicks
 from streams.shared.config import TrainerConfig
 from streams.shared.local_broker import BROKER_SH, free_ports
@@ -130,6 +132,15 @@ def test_a_trainer_killed_mid_round_announces_nothing_half_written(checkpoint, t
     finally:
         trainer.kill()
         broker.run("stop")
+
+
+def test_a_trainer_session_timeout_kafka_refuses_is_refused_at_start_naming_the_option():
+    from streams.shared.config import TrainerConfig
+    from streams.trainer.trainer import run_trainer
+
+    for bad in (1.0, 5000.0):
+        with pytest.raises(ValueError, match=r"--session-timeout-s .*6 to 1800 s"):
+            run_trainer(TrainerConfig(broker="127.0.0.1:1", session_timeout_s=bad))
 
 
 def test_a_worker_whose_broker_is_gone_still_stops_on_sigterm(checkpoint, tmp_path):  # noqa: F811

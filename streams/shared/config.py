@@ -98,6 +98,8 @@ class TrainerConfig:
     replication: int = 1  # replication factor of the topics the trainer creates
     model_updates_topic: str = "model-updates"  # where new versions are announced
     group_id: str = "mlsa4rec-trainer"  # the trainer's consumer group
+    # How soon the group hands a dead trainer's partitions to its restart (broker minimum: 6 s).
+    session_timeout_s: float = 10.0
     checkpoint: str = "runs/ml-100k-mlsa4rec-s.pt"   # the first version, if none is announced
     model_store: str = "runs/models"  # where versions are published (a directory or an fsspec URL)
     buffer_dir: str = "runs/trainer-buffer"  # the replay buffer on disk

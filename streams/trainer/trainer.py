@@ -157,6 +157,9 @@ def buffer_config(cfg: TrainerConfig) -> BufferConfig:
 
 def run_trainer(cfg: TrainerConfig, stop=None) -> None:
     """Consume until `stop` (a threading.Event) is set or the process is stopped."""
+    if not 6 <= cfg.session_timeout_s <= 1800:
+        # Kafka's group.min/max.session.timeout.ms defaults; outside them the join fails later.
+        raise ValueError(f"--session-timeout-s {cfg.session_timeout_s}: Kafka takes 6 to 1800 s")
     from confluent_kafka import Consumer
 
     from model.checkpoint import load_checkpoint
@@ -216,6 +219,10 @@ def run_trainer(cfg: TrainerConfig, stop=None) -> None:
                       "training goes on", cfg.metrics_port, exc)
     consumer = Consumer({**client_config(cfg.broker), "group.id": cfg.group_id,
                          "auto.offset.reset": "earliest", "enable.auto.commit": False,
+                         # librdkafka's default is 45 s: a restarted trainer got nothing
+                         # for that long after a crash (its dead self held the partitions)
+                         "session.timeout.ms": int(cfg.session_timeout_s * 1000),
+                         "heartbeat.interval.ms": int(cfg.session_timeout_s * 1000 / 4),
                          # a round blocks polling; it must not cost the group membership
                          "max.poll.interval.ms": 600_000})
     consumer.subscribe([cfg.interactions_topic])

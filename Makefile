@@ -19,8 +19,11 @@ chromium:
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
 		&& DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1; } || true
 
+# Two test files at a time (-n 2): the end-to-end tests spend most of their time waiting on
+# brokers, groups and subprocesses, so two of them share the 2 cores; each pytest process has
+# its own broker. What takes the time is printed at the end (--durations).
 test: $(VENV)/.installed chromium
-	$(VENV)/bin/pytest -q --durations=10
+	$(VENV)/bin/pytest -q -n 2 --dist loadfile --durations=15
 
 # The end-to-end tests with two busy processes and 2 GB held beside them (docs/RELIABILITY.md).
 test-under-load: $(VENV)/.installed

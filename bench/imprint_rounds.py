@@ -53,6 +53,11 @@ def main() -> None:
                         help="replay the log after this fraction of its events (default 0.8)")
     parser.add_argument("--round-every", type=int, default=2000,
                         help="a round after this many clicks (default 2000)")
+    parser.add_argument("--imprint-norms", type=float, nargs="*", default=[1.0],
+                        help="imprinted rows' lengths to run after the run without imprinting "
+                             "(in the known rows' mean lengths; default 1.0)")
+    parser.add_argument("--rounds", type=int, default=0,
+                        help="stop each setting after this many rounds (default 0: all)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     events = log_events(args.dataset)
@@ -62,10 +67,13 @@ def main() -> None:
     print("| imprint | round | candidate / serving holdout NDCG@10 | published | new titles "
           "held out | served HR@10 on them |")
     print("|---|---|---|---|---|---|")
-    for imprint in (False, True):
+    for norm in [None, *args.imprint_norms]:
+        imprint = norm is not None
+        label = f"on, norm {norm:g}" if imprint else "off"
         model, payload = load_checkpoint(args.checkpoint)
         known = set(payload["item_ids"][1:])
-        cfg = dataclasses.replace(TrainerConfig(), imprint_new_items=imprint)
+        cfg = dataclasses.replace(TrainerConfig(), imprint_new_items=imprint,
+                                  imprint_norm=norm or 1.0)
         published = []
 
         def publish(model, item_ids, metrics, parent, trained_through):
@@ -80,9 +88,11 @@ def main() -> None:
                                                      replayed.timestamps), 1):
                 trainer.add(str(user), str(item), int(ts * 1000))
                 if n % args.round_every == 0:
+                    if args.rounds and n // args.round_every > args.rounds:
+                        break
                     result = trainer.run_round()
                     hr, count = new_title_hr(trainer, known)
-                    print(f"| {'on' if imprint else 'off'} | {n // args.round_every} | "
+                    print(f"| {label} | {n // args.round_every} | "
                           f"{result.candidate.get('ndcg@10', float('nan')):.4f} / "
                           f"{result.serving.get('ndcg@10', float('nan')):.4f} | "
                           f"{'yes' if result.published else 'no'} | {count} | {hr:.4f} |",

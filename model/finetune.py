@@ -23,6 +23,7 @@ class FineTuneConfig:
     batch_size: int = 64
     lr: float = 1e-4
     max_len: int = 50
+    imprint_norm: float = 1.0     # imprinted rows' length, in the known rows' mean lengths
 
 
 def training_batches(model, sequences: list[np.ndarray], max_len: int):
@@ -39,10 +40,12 @@ def training_batches(model, sequences: list[np.ndarray], max_len: int):
 
 
 @torch.no_grad()
-def imprint_new_items(model, samples, first_new: int, chunk: int = 256) -> int:
+def imprint_new_items(model, samples, first_new: int, norm_scale: float = 1.0,
+                      chunk: int = 256) -> int:
     """Rows of the items with ids >= first_new that are targets in `samples`: set to the mean
-    of the model's representations just before them (their direction), at the known items'
-    mean norm; returns how many were set.
+    of the model's representations just before them (their direction), at norm_scale times the
+    known items' mean norm; returns how many were set. A shorter row scores lower for every
+    context, so a new title enters only the top 10s of the contexts closest to its own.
 
     A new item's row starts at the known items' mean (model/vocab.py), and a round's few
     optimiser steps at a small learning rate hardly move it: it is never in anyone's top 10,
@@ -65,7 +68,7 @@ def imprint_new_items(model, samples, first_new: int, chunk: int = 256) -> int:
         counts.index_add_(0, y[mask] - first_new, torch.ones_like(y[mask], dtype=torch.float))
     seen = counts > 0
     direction = torch.nn.functional.normalize(sums[seen], dim=1)
-    norm = rows[1:first_new].norm(dim=1).mean()
+    norm = norm_scale * rows[1:first_new].norm(dim=1).mean()
     rows[first_new + torch.nonzero(seen).squeeze(1)] = (direction * norm).to(rows.dtype)
     return int(seen.sum())
 
@@ -79,7 +82,7 @@ def fine_tune(model, optimizer, sequences: list[np.ndarray], cfg: FineTuneConfig
     if samples is None:
         return float("nan")
     if first_new is not None:
-        imprint_new_items(model, samples, first_new)
+        imprint_new_items(model, samples, first_new, cfg.imprint_norm)
     inputs, lengths, targets = samples
     model.train()
     losses = []

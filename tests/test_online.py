@@ -318,3 +318,22 @@ def test_once_the_vocabulary_is_full_clicks_on_new_items_are_skipped(phase_a_mod
     assert trainer.item_ids == list(ITEM_IDS) + ["new-1"]
     assert trainer.buffer.sequence("u1") == ["i3", "new-1", "new-1", "i4"]
     assert trainer.events_since_round == 4
+
+
+def test_imprinted_rows_take_the_length_asked_and_a_bad_length_is_refused(phase_a_model):
+    import copy
+
+    from model.finetune import imprint_new_items, training_batches
+    from streams.trainer.trainer import run_trainer
+
+    model = copy.deepcopy(phase_a_model)
+    first_new = model.item_embedding.weight.shape[0] - 1          # the last row is "new"
+    sequences = [np.array([1, 2, first_new, 3, first_new]), np.array([4, first_new, 5])]
+    samples = training_batches(model, sequences, 50)
+    mean = model.item_embedding.weight[1:first_new].norm(dim=1).mean()
+    with torch.no_grad():
+        assert imprint_new_items(model, samples, first_new, norm_scale=0.25) == 1
+    got = model.item_embedding.weight[first_new].norm()
+    assert torch.isclose(got, 0.25 * mean, rtol=1e-4)
+    with pytest.raises(ValueError, match=r"--imprint-norm 0.0: must be > 0"):
+        run_trainer(TrainerConfig(broker="127.0.0.1:1", imprint_norm=0.0))

@@ -121,6 +121,7 @@ class TrainerConfig:
     # imprint_new_items); off: over make run's rounds its candidates were worse on the holdout
     # and refused by the gate (RESULTS 4d, bench/imprint_rounds.py)
     imprint_new_items: bool = False
+    imprint_norm: float = 1.0  # imprinted rows' length, in the known rows' mean lengths (> 0)
     max_items: int = 1_000_000          # vocabulary cap: clicks on further new items are skipped
     device: str = "auto"  # torch device: auto (cuda if available), cpu or cuda[:n]
     threads: int = 0  # torch CPU threads; 0 = torch's default

@@ -98,7 +98,8 @@ class OnlineTrainer:
         optimizer = torch.optim.Adam(candidate.parameters(), lr=cfg.lr)
         max_len = candidate.config.max_len
         loss = fine_tune(candidate, optimizer, sequences,
-                         FineTuneConfig(cfg.steps, cfg.batch_size, cfg.lr, max_len),
+                         FineTuneConfig(cfg.steps, cfg.batch_size, cfg.lr, max_len,
+                                        cfg.imprint_norm),
                          self.rng, self.device,
                          first_new=self.serving.n_known if cfg.imprint_new_items else None)
         examples = self.buffer.holdout_examples()
@@ -160,6 +161,8 @@ def run_trainer(cfg: TrainerConfig, stop=None) -> None:
     if not 6 <= cfg.session_timeout_s <= 1800:
         # Kafka's group.min/max.session.timeout.ms defaults; outside them the join fails later.
         raise ValueError(f"--session-timeout-s {cfg.session_timeout_s}: Kafka takes 6 to 1800 s")
+    if not cfg.imprint_norm > 0:
+        raise ValueError(f"--imprint-norm {cfg.imprint_norm}: must be > 0")
     from confluent_kafka import Consumer
 
     from model.checkpoint import load_checkpoint

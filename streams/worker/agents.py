@@ -104,6 +104,12 @@ def parse_fault(text: str) -> tuple[str, int] | None:
     return point, int(number)
 
 
+def restoring(recovery) -> bool:
+    """Whether Faust's recovery is restoring the tables: the first restore (`completed` not
+    set yet) or a later rebalance's (`completed` stays set after the first; `in_recovery`)."""
+    return not recovery.completed.is_set() or recovery.in_recovery
+
+
 class ScoringAgent:
     def __init__(self, cfg, scorer, recommendations, dead_letters, table,
                  recovery=None, metrics=None, highwater=None, on_failure=None,
@@ -320,8 +326,7 @@ class ScoringAgent:
         not yet read, with the consumer's state, and mark the worker stalled for /health. A
         table restore is not a stall (a million users' takes minutes: docs/RESULTS.md 4j):
         the clock starts when it ends."""
-        if self.recovery is not None and (self.recovery.in_recovery
-                                          or not self.recovery.completed.is_set()):
+        if self.recovery is not None and restoring(self.recovery):
             self.last_event_at = time.monotonic()
             return
         idle = time.monotonic() - self.last_event_at

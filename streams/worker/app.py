@@ -22,7 +22,7 @@ from model.checkpoint import load_checkpoint
 from model.training import pick_device
 from faust.types import TP
 
-from streams.worker.agents import ScoringAgent
+from streams.worker.agents import ScoringAgent, restoring
 from streams.worker.consumer import Transport
 from streams.worker.producer import AsyncProducer, producer_config
 from streams.worker.queries import RecommendationsEndpoint, partition_of
@@ -287,7 +287,7 @@ def worker_health(agent, recovery, watcher=None) -> tuple[bool, dict]:
         ok, details["status"] = False, f"failed: {agent.failure!r}"
     elif not agent.started:
         ok, details["status"] = False, "starting"
-    elif not recovery.completed.is_set() or recovery.in_recovery:
+    elif restoring(recovery):
         ok, details["status"] = False, "recovering"
     elif agent.stalled:
         ok, details["status"] = False, f"stalled: {agent.stalled}"

@@ -184,11 +184,19 @@ def cmd_tail(args) -> int:
     from streams.shared.clients import tail_recommendations
     from streams.shared.config import StreamConfig, use_configured_schemas
 
+    from schemas.codec import DecodeError
+
     cfg = typed_config.build(StreamConfig, args)
     use_configured_schemas(cfg)
-    for rec in tail_recommendations(cfg.broker, cfg.recommendations_topic, args.from_beginning,
-                                    args.max, args.idle_timeout):
-        print(json.dumps(rec), flush=True)
+    try:
+        for rec in tail_recommendations(cfg.broker, cfg.recommendations_topic, args.from_beginning,
+                                        args.max, args.idle_timeout):
+            print(json.dumps(rec), flush=True)
+    except DecodeError as exc:
+        # Ids of a registry and ids.json's overlap: a reader without the writer's source of
+        # ids reads another schema's bytes. Stop at it (what came before is printed).
+        raise SystemExit(f"mlsa4rec tail: {exc}\n(the worker and tail must both use the same "
+                         "--schema-registry-url, or both none)")
     return 0
 
 
@@ -260,9 +268,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="stop after this many seconds without a message (0 = never)")
     p_tail.set_defaults(func=cmd_tail)
     args = parser.parse_args(argv)
+    from schemas.codec import RegistryError
     try:
         return args.func(args)
     except typed_config.ConfigError as exc:       # a bad MLSA4REC_* environment variable
+        raise SystemExit(f"mlsa4rec {args.command}: {exc}")
+    except RegistryError as exc:    # --schema-registry-url unreachable, or it refused a schema
         raise SystemExit(f"mlsa4rec {args.command}: {exc}")
 
 

@@ -271,10 +271,12 @@ class RegistrySchemas:
             reg = self.client.get_schema(schema_id)
         except Exception as e:
             # Only "not found" means the message is bad; an unreachable
-            # registry must not send good messages to the dead-letter topic.
+            # registry must not send good messages to the dead-letter topic: it is a
+            # RegistryError (configuration), naming the registry, as registering is.
             if getattr(e, "http_status_code", None) == 404 or isinstance(e, KeyError):
                 raise DecodeError(f"unknown schema id {schema_id}") from None
-            raise
+            raise RegistryError(f"schema registry {self.url or ''}: cannot fetch schema id "
+                                f"{schema_id}: {type(e).__name__}: {e}") from e
         try:
             parsed = _parse(json.loads(reg.schema_str))
         except Exception as e:

@@ -11,6 +11,7 @@ from schemas.codec import (
     DecodeError,
     EncodeError,
     PinnedSchemas,
+    RegistryError,
     RegistrySchemas,
     decode_interaction,
     decode_recommendation,
@@ -339,8 +340,11 @@ def test_registry_unknown_id_is_decode_error_but_outage_is_not():
         def get_schema(self, schema_id, subject_name=None, fmt=None):
             raise ConnectionError("registry unreachable")
 
-    with pytest.raises(ConnectionError):  # must not dead-letter good messages
+    # Must not dead-letter good messages: a RegistryError (not a DecodeError), with the cause.
+    with pytest.raises(RegistryError, match="cannot fetch schema id") as caught:
         AvroCodec("interaction", RegistrySchemas(Down())).decode(GOOD)
+    assert not isinstance(caught.value, DecodeError)
+    assert isinstance(caught.value.__cause__, ConnectionError)
 
 
 def test_registry_custom_topic():

@@ -198,8 +198,12 @@ def run_evaluate_stream(broker: str, interactions_topic: str, recommendations_to
                         event = decode_interaction(msg.value())
                         evaluator.on_interaction(event["user_id"], event["item_id"],
                                                  event["event_id"], msg.timestamp()[1])
-                except (DecodeError, KeyError):
+                except (DecodeError, KeyError) as exc:
                     undecodable += 1       # the scorer dead-letters these; nothing to judge
+                    if undecodable == 1:   # say why once: all of them failing is a wrong setup
+                        log(f"undecodable, not judged: {msg.topic()} partition {msg.partition()} "
+                            f"offset {msg.offset()}: {type(exc).__name__}: {exc} (the first; "
+                            "all of them: is --schema-registry-url the worker's?)")
             if now - last_print >= print_every_s:
                 log(format_live(evaluator))
                 last_print = now

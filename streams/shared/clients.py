@@ -11,7 +11,7 @@ from typing import Iterable, Iterator
 
 from confluent_kafka import Consumer, KafkaError, Producer
 
-from schemas.codec import decode_recommendation, encode_interaction
+from schemas.codec import DecodeError, decode_recommendation, encode_interaction
 from streams.shared.kafka_config import client_config
 
 # librdkafka's default partitioner differs from the Java client's; murmur2 puts a user on the
@@ -99,7 +99,8 @@ def produce_clicks(bootstrap: str, topic: str, clicks: Iterable[dict], extra: di
 
 def tail_recommendations(bootstrap: str, topic: str, from_beginning: bool = False,
                          max_messages: int = 0, idle_timeout: float = 0.0) -> Iterator[dict]:
-    """Yield decoded recommendations; stop after max_messages or idle_timeout s of silence."""
+    """Yield decoded recommendations; stop after max_messages or idle_timeout s of silence.
+    A message that does not decode raises DecodeError naming its topic, partition and offset."""
     consumer = Consumer({**client_config(bootstrap), "group.id": f"tail-{uuid.uuid4().hex}",
                          "auto.offset.reset": "earliest" if from_beginning else "latest",
                          "enable.auto.commit": False})
@@ -118,6 +119,11 @@ def tail_recommendations(bootstrap: str, topic: str, from_beginning: bool = Fals
                 raise RuntimeError(str(msg.error()))
             last = time.monotonic()
             seen += 1
-            yield decode_recommendation(msg.value())
+            try:
+                rec = decode_recommendation(msg.value())
+            except DecodeError as exc:      # which message, so that it can be looked at
+                raise DecodeError(f"{msg.topic()} partition {msg.partition()} offset "
+                                  f"{msg.offset()}: {exc}") from None
+            yield rec
     finally:
         consumer.close()

@@ -337,3 +337,28 @@ def test_imprinted_rows_take_the_length_asked_and_a_bad_length_is_refused(phase_
     assert torch.isclose(got, 0.25 * mean, rtol=1e-4)
     with pytest.raises(ValueError, match=r"--imprint-norm 0.0: must be > 0"):
         run_trainer(TrainerConfig(broker="127.0.0.1:1", imprint_norm=0.0))
+
+
+def test_a_commit_refused_because_the_group_took_the_partitions_does_not_stop_the_trainer():
+    """After a broker restart longer than the session timeout the trainer's commit is refused
+    (_ASSIGNMENT_LOST); that must not end it: its clicks come back and are skipped as added.
+    Any other commit error still stops it."""
+    from confluent_kafka import KafkaError, KafkaException
+
+    from streams.trainer.trainer import commit
+
+    class Consumer:
+        def __init__(self, code):
+            self.code, self.calls = code, 0
+
+        def commit(self, asynchronous=True):
+            self.calls += 1
+            if self.code is not None:
+                raise KafkaException(KafkaError(self.code))
+
+    assert commit(Consumer(None)) is True
+    for code in (KafkaError._ASSIGNMENT_LOST, KafkaError.REBALANCE_IN_PROGRESS,
+                 KafkaError.ILLEGAL_GENERATION, KafkaError.UNKNOWN_MEMBER_ID):
+        assert commit(Consumer(code)) is False
+    with pytest.raises(KafkaException):
+        commit(Consumer(KafkaError.TOPIC_AUTHORIZATION_FAILED))

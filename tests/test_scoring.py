@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from model.models import build_model
+from streams.worker import user_record
 from streams.worker.scoring import Event, Scorer, UserRecord
 
 N_ITEMS = 40
@@ -111,17 +112,43 @@ def test_offsets_of_a_topic_created_again_under_the_same_name_are_not_taken_as_r
 
 def test_a_record_of_another_version_reads_whatever_fields_it_has():
     record = UserRecord(model_version="v1", state=b"\x01\x02", last_offset=7,
-                        history=["a", "b"], offsets_of="T")
-    data = record.to_bytes()
-    (n,) = struct.unpack_from(">I", data)
-    header = json.loads(data[4:4 + n])
-    newer = {**header, "field_of_a_later_version": 1}           # written by a newer worker
-    older = {k: v for k, v in header.items() if k != "offsets_of"}  # by an older one
-    for variant in (newer, older):
+                        history=["a", "b"], offsets_of="T", snapshot_at=3, events_applied=9)
+    assert UserRecord.from_bytes(record.to_bytes()) == record
+    # Records of earlier versions: a 4-byte length, a JSON header, the state. Fields the
+    # header lacks take their defaults; fields this version does not know are dropped.
+    header = {"model_version": "v1", "last_offset": 7, "history": ["a", "b"],
+              "offsets_of": "T", "field_of_another_version": 1}
+    for variant in (header, {k: v for k, v in header.items() if k != "offsets_of"}):
         head = json.dumps(variant).encode()
         back = UserRecord.from_bytes(struct.pack(">I", len(head)) + head + b"\x01\x02")
         assert (back.state, back.last_offset, back.history) == (b"\x01\x02", 7, ["a", "b"])
-    assert UserRecord.from_bytes(data) == record
+        assert back.offsets_of == variant.get("offsets_of", "")
+    # A later version's fields ride in the extension (a JSON object before the state): read
+    # past and dropped.
+    data = bytearray(record.to_bytes())
+    extension = json.dumps({"field_of_a_later_version": [1, 2]}).encode()
+    struct.pack_into(">I", data, user_record._HEAD.size - 4, len(extension))   # its length
+    state_at = len(data) - len(record.state)
+    later = bytes(data[:state_at]) + extension + bytes(data[state_at:])
+    assert UserRecord.from_bytes(later) == record
+
+
+def test_histories_of_any_items_round_trip():
+    for history in ([], [""], ["", ""], ["a\0b", "c"], ["\0"], ["é", "日本", "x" * 1024]):
+        record = UserRecord(history=history)
+        assert UserRecord.from_bytes(record.to_bytes()).history == history
+
+
+def test_bytes_that_are_no_record_are_refused_with_the_reason():
+    good = UserRecord(model_version="v1", history=["a"], last_event_id="e").to_bytes()
+    with pytest.raises(ValueError, match="too short"):
+        UserRecord.from_bytes(b"\x01")
+    with pytest.raises(ValueError, match="unknown format"):
+        UserRecord.from_bytes(b"\x07" + good[1:])
+    with pytest.raises(ValueError, match="unknown flags"):
+        UserRecord.from_bytes(good[:1] + b"\x09" + good[2:])
+    with pytest.raises(ValueError, match="truncated"):
+        UserRecord.from_bytes(good[:-2])
 
 
 def test_unknown_items_are_kept_counted_and_scored():
@@ -240,5 +267,8 @@ def test_exclude_seen_never_recommends_a_history_item():
 
 
 def test_user_record_round_trip():
-    record = UserRecord("v3", b"\x01abc", 17, "e17", ["a", "b"], 5, 1)
+    record = UserRecord(model_version="v3", state=b"\x01abc", last_offset=17,
+                        last_event_id="e17", offsets_of="topic", history=["a", "b"],
+                        events_applied=5, unknown_items=1, snapshot_at=4, last_version="v2",
+                        last_event_time=1_700_000_000_123)
     assert UserRecord.from_bytes(record.to_bytes()) == record

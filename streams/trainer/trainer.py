@@ -32,6 +32,28 @@ from streams.trainer.replay_buffer import BufferConfig, ReplayBuffer
 
 log = logging.getLogger(__name__)
 
+# Commit errors that mean "this member lost its partitions" (its session timed out, say while
+# the broker restarted): the group gives them out again and the clicks since the last commit
+# come back, which the buffer skips as already added. Not a reason to stop training.
+_MEMBERSHIP_LOST = ("_ASSIGNMENT_LOST", "REBALANCE_IN_PROGRESS", "ILLEGAL_GENERATION",
+                    "UNKNOWN_MEMBER_ID")
+
+
+def commit(consumer) -> bool:
+    """Commit the consumed offsets; False (logged) if the group took the partitions away
+    meanwhile. Any other error is raised."""
+    from confluent_kafka import KafkaException
+    try:
+        consumer.commit(asynchronous=False)
+        return True
+    except KafkaException as exc:
+        error = exc.args[0]
+        if error.name() not in _MEMBERSHIP_LOST:
+            raise
+        log.warning("trainer: commit refused (%s): the partitions were taken away; their "
+                    "clicks since the last commit will be read again", error.str())
+        return False
+
 
 @dataclass
 class RoundResult:
@@ -263,8 +285,9 @@ def run_trainer(cfg: TrainerConfig, stop=None) -> None:
                     metrics.model_version.labels(trainer.version).set(1)
             if uncommitted and time.monotonic() - last_commit > 5:
                 buffer.flush()          # the buffer holds what the committed offsets claim
-                consumer.commit(asynchronous=False)
-                last_commit, uncommitted = time.monotonic(), 0
+                if commit(consumer):
+                    uncommitted = 0
+                last_commit = time.monotonic()
     finally:
         buffer.close()
         consumer.close()

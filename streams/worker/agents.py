@@ -18,9 +18,11 @@ Three parts, so that the model and the event loop work at the same time:
   queries              `answer` (an HTTP thread: streams/worker/queries.py) runs in the
                        model thread too, between batches: a user's top k from its state;
   finisher (loop)      in batch order: sends the recommendations (confluent-kafka,
-                       streams/worker/producer.py) and waits for their acks; for a batch that
-                       carries a flush, writes it to the table and only then acks every event
-                       held since the previous flush.
+                       streams/worker/producer.py) and waits for their acks; a batch that
+                       carries a flush hands it to
+  writer (loop)        which writes flushes to the table one after another, each before it
+                       acks the events held since the previous one; the finisher goes on
+                       meanwhile (later recommendations do not wait for a write).
 
 Each event's message holds an extra reference until the flush that covers it is in the table,
 so Faust commits its offset only then. A crash before that replays the events from the stored
@@ -178,12 +180,16 @@ class ScoringAgent:
             self.producer = self.producer_factory(asyncio.get_running_loop())
             self.table.producer = self.producer
         self.jobs = asyncio.Queue(max(1, self.cfg.pipeline_depth))
-        finisher = asyncio.ensure_future(self.finish_jobs(stream, self.jobs))
+        # One flush in line behind the one being written: a slow write holds up the finisher
+        # (and so the model) only when flushes come faster than the table takes them.
+        self.flushes = asyncio.Queue(1)
+        finisher = asyncio.ensure_future(self.finish_jobs(self.jobs))
+        writer = asyncio.ensure_future(self.write_flushes(stream, self.flushes))
         reader = asyncio.ensure_future(self.read(stream))
         timer = asyncio.ensure_future(self.flush_timer())
         # A batch that fails (scoring, sending, writing) stops the worker now, not when the
         # next batch comes: on a quiet stream that could be never.
-        for task in (finisher, reader, timer):
+        for task in (finisher, writer, reader, timer):
             task.add_done_callback(self._task_done)
         self.started = True
         try:
@@ -191,10 +197,11 @@ class ScoringAgent:
                 batch, flush = await self.next_batch()
                 async with self.submit_lock:
                     await self.submit(batch, flush)
-                if finisher.done():
-                    finisher.result()                   # re-raises what stopped it
+                for task in (finisher, writer):
+                    if task.done():
+                        task.result()                   # re-raises what stopped it
         finally:
-            for task in (finisher, reader, timer):
+            for task in (finisher, writer, reader, timer):
                 task.cancel()
 
     def _task_done(self, task: asyncio.Future) -> None:
@@ -375,13 +382,14 @@ class ScoringAgent:
             log.error("injected fault: exiting at %s of batch %d", point, number)
             os._exit(70)
 
-    async def finish_jobs(self, stream, jobs: asyncio.Queue) -> None:
+    async def finish_jobs(self, jobs: asyncio.Queue) -> None:
         while True:
             job = await jobs.get()
-            await self.finish(stream, job)
-            job.done.set_result(None)
+            await self.finish(job)
 
-    async def finish(self, stream, job: Job) -> None:
+    async def finish(self, job: Job) -> None:
+        """In batch order: dead letters out, recommendations acknowledged; a batch that
+        carries a flush hands it, with every event held since the last one, to the writer."""
         scored = await job.scored
         for message_event, reason in scored.dead_letters:
             await self.dead_letter(message_event, reason)
@@ -389,10 +397,26 @@ class ScoringAgent:
         if job.message_events:
             self.crash_if("after_produce", job.number)
         self.held += job.message_events
-        if scored.flush is not None:
-            await self.write(scored.flush)
+        for name in ("events", "applied", "duplicates", "unknown_items"):
+            self.counts[name] += getattr(scored.stats, name)
+        if self.metrics:
+            self.observe(job, scored)
+        self.report()
+        if scored.flush is None:
+            job.done.set_result(None)
+            return
+        # The next batches' recommendations go out while this flush is written: they do not
+        # depend on it (a crash before it is in the table replays them from older states).
+        held, self.held = self.held, []
+        await self.flushes.put((job, scored.flush, held))
+
+    async def write_flushes(self, stream, flushes: asyncio.Queue) -> None:
+        """Flushes into the table in order, each before the events it covers are acked (so
+        Faust commits their offsets only then)."""
+        while True:
+            job, flush, held = await flushes.get()
+            await self.write(flush)
             self.crash_if("after_state_write", job.number)
-            held, self.held = self.held, []
             for i, message_event in enumerate(held):
                 await stream.ack(message_event)
                 if i % 256 == 255:
@@ -400,11 +424,7 @@ class ScoringAgent:
                     # the batches scored meanwhile send their recommendations in between.
                     await asyncio.sleep(0)
             self.crash_if("after_ack", job.number)
-        for name in ("events", "applied", "duplicates", "unknown_items"):
-            self.counts[name] += getattr(scored.stats, name)
-        if self.metrics:
-            self.observe(job, scored)
-        self.report()
+            job.done.set_result(None)
 
     async def send(self, recommendations: list[tuple[bytes, bytes]]) -> None:
         """Out, and acknowledged by the broker, before any state that made them is stored."""

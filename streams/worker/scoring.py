@@ -22,12 +22,11 @@ history.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import struct
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -38,12 +37,12 @@ from model.ranking import top_k
 from model.state import blob_fits, states_from_bytes, states_to_bytes
 from model.traced import traced_step
 from model.vocab import mask_spare_rows
+from streams.worker.user_record import NO_SNAPSHOT, UserRecord  # noqa: F401 - re-exported
 
 HISTORY_LEN = 50
 # Appended to a user's key for the key of its state snapshot. 0xFF never occurs in UTF-8, so
 # no user id's key can end in it: the snapshot key cannot be another user's record key.
 SNAPSHOT_SUFFIX = b"\xff"
-NO_SNAPSHOT = -1
 # The state key of the user's representation after its last step. Sorted last among the state
 # keys (model/state.py lays rows out in key order), so a row stored without it is a prefix.
 USER_REPR = "~user_repr"
@@ -87,39 +86,6 @@ class Event:
     offset: int = -1
 
 
-@dataclass
-class UserRecord:
-    model_version: str = ""
-    state: bytes = b""
-    last_offset: int = -1
-    last_event_id: str = ""
-    offsets_of: str = ""            # the topic (its Kafka topic id) last_offset counts in
-    history: list[str] = field(default_factory=list)
-    events_applied: int = 0
-    unknown_items: int = 0
-    # events_applied when the snapshot under snapshot_key(user) was taken; 0 = the model's
-    # initial state (nothing stored); NO_SNAPSHOT = the state is in `state`, or there is none.
-    snapshot_at: int = NO_SNAPSHOT
-    last_version: str = ""          # the version whose step applied the last event
-    last_event_time: int = 0        # that event's timestamp (ms)
-
-    def to_bytes(self) -> bytes:
-        """4-byte header length, a JSON header, then the raw state bytes."""
-        header = {name: getattr(self, name) for name in _HEADER_FIELDS}   # asdict: 5x slower
-        head = json.dumps(header, separators=(",", ":")).encode()
-        return struct.pack(">I", len(head)) + head + self.state
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> "UserRecord":
-        """Fields a later version added are dropped, missing ones take their defaults: a
-        record written by the previous or the next version reads."""
-        (n,) = struct.unpack_from(">I", data)
-        header = json.loads(data[4:4 + n])
-        known = {f.name for f in fields(cls)} - {"state"}
-        return cls(state=bytes(data[4 + n:]), **{k: v for k, v in header.items() if k in known})
-
-
-_HEADER_FIELDS = tuple(f.name for f in fields(UserRecord) if f.name != "state")
 
 
 @dataclass

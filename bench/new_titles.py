@@ -1,0 +1,376 @@
+"""Online fine-tuning where it should matter: an item cold start with many new titles.
+
+make run's replay (ML-100k's last 20%) has few titles the warm start never saw (23 held out
+over all rounds), too few to show whether fine-tuning helps. Here a random fraction of the
+items clicked after the cut-off is taken out of the warm start entirely (their clicks before
+the cut-off are dropped from its training data), so the replayed stream holds thousands of
+clicks on titles the warm start never saw. The warm start is trained for this split with the
+demo's recipe (cached in --out); then the stream after the cut-off is fed to the trainer
+(OnlineTrainer, no Kafka) with a round every --round-every clicks, once per variant:
+
+  off                       the warm start served throughout (no rounds)
+  default                   the trainer's defaults
+  k=v,k=v                   the trainer's defaults with these TrainerConfig fields changed,
+                            e.g. imprint_new_items=true,imprint_norm=0.5
+
+Every click after the user's first in the stream is judged prequentially, as the stream does:
+ranked by the version served when it arrives, given the user's stream history (whole, as the
+worker's state holds it, for a steppable model), over the version's own items (the worker serves the version, not the trainer's newer
+vocabulary: a title newer than the version is a miss). Ties count against the target (new
+titles' rows still at the known items' mean tie with each other: the worker could show at
+most ten of them).
+Judgments are grouped: new titles (the item unknown to the warm start), new users (no click
+before the cut-off), the rest. Differences against "off" are paired (the same clicks) with
+standard errors clustered by user.
+
+    /tmp/heavy .venv/bin/python bench/new_titles.py --variants off default \\
+        imprint_new_items=true,imprint_norm=0.5
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from model.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from model.models.base import OOV  # noqa: E402
+from model.config import parse_fields  # noqa: E402
+from model.data.protocol import _subset, load_interactions, prepare, until  # noqa: E402
+from model.training import TrainConfig, describe_run, pad_right, train  # noqa: E402
+from model.vocab import mask_spare_rows  # noqa: E402
+from streams.demo import DemoConfig, warm_start_key  # noqa: E402
+from streams.replay.log_replay import log_events  # noqa: E402
+from streams.shared.config import TrainerConfig  # noqa: E402
+from streams.trainer.replay_buffer import ReplayBuffer  # noqa: E402
+from streams.trainer.trainer import OnlineTrainer, buffer_config  # noqa: E402
+
+NEW_TITLES, NEW_USERS, THE_REST = "new titles", "new users", "the rest"
+GROUPS = (NEW_TITLES, NEW_USERS, THE_REST, "all")
+UNKNOWN_RANK = 10 ** 9              # a target the served version does not have
+
+
+def held_out_items(events, cutoff: float, fraction: float, seed: int) -> list[str]:
+    """A random `fraction` of the items clicked after the cut-off that were clicked before it
+    too (those first clicked after it are new titles anyway)."""
+    before = events.timestamps < cutoff
+    candidates = sorted(set(map(str, events.items[~before])) & set(map(str, events.items[before])))
+    rng = np.random.default_rng(seed)
+    chosen = rng.choice(candidates, int(round(fraction * len(candidates))), replace=False)
+    return sorted(map(str, chosen))            # plain str: the checkpoint loads weights-only
+
+
+def warm_start(args, cutoff: float, held_out: list[str]) -> Path:
+    """The demo's warm-start recipe on the log before the cut-off without the held-out items'
+    clicks; cached under args.out, keyed by the split, the recipe and the training code."""
+    demo = DemoConfig()
+    recipe = TrainConfig(dataset=args.dataset, model=args.model, before=str(cutoff),
+                         epochs=args.warm_epochs, patience=demo.warm_patience, lr=demo.warm_lr,
+                         threads=args.threads, progress=False)
+    key = hashlib.sha256(json.dumps([warm_start_key(recipe), held_out]).encode()).hexdigest()[:12]
+    path = Path(args.out) / f"warm-{args.dataset}-{args.model}-new{args.new_fraction:g}-{key}.pt"
+    if path.exists():
+        print(f"warm start: reusing {path}")
+        return path
+    inter = until(load_interactions(args.dataset), cutoff)
+    inter = _subset(inter, ~np.isin(inter.items.astype(str), held_out))
+    data = prepare(inter, recipe.k_core, recipe.k_core)
+    from model.models import build_model
+
+    torch.manual_seed(recipe.seed)
+    model = build_model(recipe.model, data.n_items, {"max_len": recipe.max_len})
+    result = train(model, data, recipe, log=lambda line: print("  " + line, flush=True))
+    run = {**describe_run(recipe, result), "held_out_items": held_out}
+    save_checkpoint(path, result.model, data.item_ids, run)
+    path.with_suffix(".json").write_text(json.dumps(run, indent=2))
+    return path
+
+
+def pessimistic_ranks(scores: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
+    """0-based rank of each target: items scored above it plus the others tied with it."""
+    target = scores.gather(1, targets.view(-1, 1))
+    ranks = (scores > target).sum(1) + (scores == target).sum(1) - 1
+    ranks[~torch.isfinite(target.squeeze(1))] = scores.shape[1]
+    return ranks.numpy()
+
+
+@torch.no_grad()
+def judged_ranks(model, history: dict[str, list[int]], pending: list[tuple[str, int, int]],
+                 tokens: int = 16384) -> np.ndarray:
+    """Rank of each pending (user, position, target): target = history[user][position], ranked
+    after the items before it, by the served version as the worker has it: over the version's
+    own items (model.n_known), an item newer than the version fed as OOV in a history and a
+    miss as a target. A steppable model reads the user's whole stream history, as the
+    worker's state does (one pass per user for all its judged clicks); a window model the last
+    max_len items."""
+    model.eval()
+    max_len, n_known = model.config.max_len, model.n_known
+
+    def known(items) -> np.ndarray:
+        items = np.array(items, dtype=np.int64)
+        items[items >= n_known] = OOV
+        return items
+
+    reprs = torch.zeros(len(pending), model.item_embedding.embedding_dim)
+    if model.steppable:
+        by_user: dict[str, list[int]] = {}
+        for k, (user, _, _) in enumerate(pending):
+            by_user.setdefault(user, []).append(k)
+        users = sorted(by_user, key=lambda u: max(pending[k][1] for k in by_user[u]))
+        start = 0
+        while start < len(users):
+            longest = max(pending[k][1] for k in by_user[users[start]])
+            stop = start + 1
+            while stop < len(users) and (stop - start + 1) * max(
+                    longest, max(pending[k][1] for k in by_user[users[stop]])) <= tokens:
+                longest = max(longest, max(pending[k][1] for k in by_user[users[stop]]))
+                stop += 1
+            batch = users[start:stop]
+            ends = [max(pending[k][1] for k in by_user[u]) for u in batch]
+            inputs = torch.from_numpy(pad_right(
+                [known(history[u][:end]) for u, end in zip(batch, ends)],
+                max(ends)))
+            out = model.sequence_output(inputs)
+            for row, user in enumerate(batch):
+                for k in by_user[user]:
+                    reprs[k] = out[row, pending[k][1] - 1]
+            start = stop
+    else:
+        for start in range(0, len(pending), 512):
+            windows = [known(history[u][max(0, p - max_len):p])
+                       for u, p, _ in pending[start:start + 512]]
+            inputs = torch.from_numpy(pad_right(windows, max_len))
+            reprs[start:start + len(windows)] = model.forward(
+                inputs, torch.tensor([len(w) for w in windows]))
+    scores = mask_spare_rows(model.scores(reprs), n_known)
+    targets = torch.tensor([t for _, _, t in pending], dtype=torch.long)
+    new = targets >= n_known
+    ranks = pessimistic_ranks(scores, targets.clamp(max=n_known - 1))
+    ranks[new.numpy()] = UNKNOWN_RANK               # not in the version: never recommended
+    return ranks
+
+
+@torch.no_grad()
+def rows_at_the_mean(model, first_new: int) -> tuple[int, int]:
+    """(rows of items newer than the warm start still pointing where the warm start's mean
+    row points (cosine > 0.99: not imprinted, hardly moved by training), such rows)."""
+    rows = model.item_embedding.weight[first_new:model.n_known]
+    mean = model.item_embedding.weight[1:first_new].mean(0, keepdim=True)
+    return int((torch.nn.functional.cosine_similarity(rows, mean) > 0.99).sum()), len(rows)
+
+
+def parse_variant(text: str) -> dict | None:
+    """'off' -> None (no rounds); 'default' -> {}; 'k=v,k=v' -> TrainerConfig fields."""
+    if text == "off":
+        return None
+    if text == "default":
+        return {}
+    pairs = [part.split("=", 1) for part in text.split(",")]
+    if any(len(p) != 2 for p in pairs):
+        raise SystemExit(f"variant {text!r}: write off, default or field=value,field=value")
+    try:
+        return parse_fields(TrainerConfig, dict(pairs))
+    except ValueError as exc:
+        raise SystemExit(f"variant {text!r}: {exc}") from None
+
+
+def run_variant(args, checkpoint: Path, replayed, known_users: set[str], overrides):
+    """Feed the stream to a trainer; returns (ranks, groups, users, round lines)."""
+    model, payload = load_checkpoint(checkpoint)
+    known_items, warm_known = set(payload["item_ids"][1:]), model.n_known
+    cfg = dataclasses.replace(TrainerConfig(), seed=args.seed, **(overrides or {}))
+    versions = []
+
+    def publish(model, item_ids, metrics, parent, trained_through):
+        versions.append({"version": f"v{len(versions) + 2}"})
+        return versions[-1]
+
+    ranks, groups, users, rounds = [], [], [], []
+    pending: list[tuple[str, int, int]] = []        # (user, position in history, target)
+    history: dict[str, list[int]] = {}
+
+    def judge():
+        if pending:
+            ranks.append(judged_ranks(trainer.serving, history, pending))
+        pending.clear()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = OnlineTrainer(model, payload["item_ids"], "v1",
+                                ReplayBuffer(Path(tmp) / "buffer", buffer_config(cfg), cfg.seed),
+                                cfg, publish)
+        for n, (user, item, ts) in enumerate(zip(replayed.users, replayed.items,
+                                                 replayed.timestamps), 1):
+            user, item = str(user), str(item)
+            trainer.add(user, item, int(ts * 1000))
+            target = trainer._index_of(item)
+            seen = history.setdefault(user, [])
+            if seen:
+                pending.append((user, len(seen), target))
+                groups.append(NEW_TITLES if item not in known_items
+                              else THE_REST if user in known_users else NEW_USERS)
+                users.append(user)
+            seen.append(target)
+            if n % args.round_every == 0:
+                judge()
+                if overrides is not None and (not args.rounds or len(rounds) < args.rounds):
+                    result = trainer.run_round()
+                    rounds.append((result.candidate.get("ndcg@10", float("nan")),
+                                   result.serving.get("ndcg@10", float("nan")),
+                                   result.published is not None,
+                                   rows_at_the_mean(trainer.serving, warm_known)))
+        judge()
+        trainer.buffer.close()
+    return np.concatenate(ranks), np.array(groups), np.array(users), rounds
+
+
+def clustered_mean_se(values: np.ndarray, clusters: np.ndarray) -> tuple[float, float]:
+    """Mean of values and its standard error with the observations clustered (by user)."""
+    n = len(values)
+    if n == 0:
+        return float("nan"), float("nan")
+    mean = values.mean()
+    _, codes = np.unique(clusters, return_inverse=True)
+    sums = np.bincount(codes, weights=values - mean)
+    g = len(sums)
+    se = np.sqrt((sums ** 2).sum() * g / max(g - 1, 1)) / n
+    return float(mean), float(se)
+
+
+def groups_of(results: dict) -> np.ndarray:
+    return next(iter(results.values()))[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="ml-100k", help="the log (default ml-100k)")
+    parser.add_argument("--model", default="mlsa4rec-s", help="the warm start's model")
+    parser.add_argument("--cutoff", type=float, default=0.8,
+                        help="replay the log after this fraction of its events (default 0.8)")
+    parser.add_argument("--new-fraction", type=float, default=0.15,
+                        help="fraction of the items clicked after the cut-off held out of the "
+                             "warm start (default 0.15)")
+    parser.add_argument("--split-seed", type=int, default=0, help="which items (default 0)")
+    parser.add_argument("--checkpoint", default="",
+                        help="use this warm start instead of training one (e.g. the demo's, "
+                             "with --new-fraction 0)")
+    parser.add_argument("--warm-epochs", type=int, default=DemoConfig().warm_epochs,
+                        help="the warm start's epoch cap (default: the demo's)")
+    parser.add_argument("--round-every", type=int, default=2000,
+                        help="a round after this many clicks (default 2000)")
+    parser.add_argument("--rounds", type=int, default=0,
+                        help="at most this many rounds per variant (default 0: all)")
+    parser.add_argument("--variants", nargs="+", default=["off", "default"],
+                        help="off, default or field=value,... of TrainerConfig (default: off "
+                             "default)")
+    parser.add_argument("--clicks", type=int, default=0,
+                        help="replay only the first this many clicks (default 0: all)")
+    parser.add_argument("--seed", type=int, default=0, help="the trainer's seed (default 0)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    parser.add_argument("--out", default="/tmp/ft", help="warm starts' cache (default /tmp/ft)")
+    parser.add_argument("--save", default="",
+                        help="save every variant's ranks, groups and users here (.npz)")
+    parser.add_argument("--base", default="",
+                        help="the variant the others are compared with (default: the first)")
+    parser.add_argument("--report", default="",
+                        help="print the tables of a --save file (with --base) and stop")
+    args = parser.parse_args()
+    if args.report:
+        return report_saved(args.report, args.base)
+    if not 0 <= args.new_fraction < 1:
+        raise SystemExit(f"--new-fraction {args.new_fraction}: must be in [0, 1)")
+    variants = [(text, parse_variant(text)) for text in args.variants]
+    torch.set_num_threads(args.threads)
+    events = log_events(args.dataset)
+    cutoff = float(events.timestamps[int(args.cutoff * (len(events.rows) - 1))])
+    held_out = held_out_items(events, cutoff, args.new_fraction, args.split_seed)
+    checkpoint = Path(args.checkpoint) if args.checkpoint else warm_start(args, cutoff, held_out)
+    run = json.loads(checkpoint.with_suffix(".json").read_text())
+    print(f"warm start: {len(held_out)} items held out; best epoch {run['best_epoch']} of "
+          f"{run['epochs_run']}, valid NDCG@10 {run['valid']['ndcg@10']:.4f}, "
+          f"{run['seconds']:.0f} s")
+    replayed = log_events(args.dataset, start=str(cutoff))
+    if args.clicks:
+        replayed = dataclasses.replace(replayed, users=replayed.users[:args.clicks],
+                                       items=replayed.items[:args.clicks],
+                                       timestamps=replayed.timestamps[:args.clicks])
+    known_users = set(map(str, events.users[events.timestamps < cutoff]))
+    print(f"{len(replayed.users)} clicks after the cut-off, a round every {args.round_every}",
+          flush=True)
+
+    results = {}
+    for text, overrides in variants:
+        started = time.perf_counter()
+        ranks, groups, users, rounds = run_variant(args, checkpoint, replayed, known_users,
+                                                   overrides)
+        results[text] = (ranks, groups, users)
+        line = f"{text}: {time.perf_counter() - started:.0f} s"
+        if rounds:
+            line += (f", {sum(r[2] for r in rounds)} of {len(rounds)} rounds published; "
+                     "candidate/serving holdout NDCG@10: " +
+                     ", ".join(f"{c:.4f}/{s:.4f}{'*' if p else ''}" for c, s, p, _ in rounds)
+                     + "; new titles' rows in the served version still at the mean: " +
+                     ", ".join(f"{m}/{n}" for _, _, _, (m, n) in rounds))
+        print(line, flush=True)
+
+    groups, users = groups_of(results), next(iter(results.values()))[2]
+    ranks = {text: r for text, (r, _, _) in results.items()}
+    if args.save:
+        np.savez(args.save, groups=groups, users=users,
+                 **{f"ranks:{text}": r for text, r in ranks.items()})
+    report(ranks, groups, users, args.base or args.variants[0])
+
+
+def report(ranks: dict[str, np.ndarray], groups: np.ndarray, users: np.ndarray,
+           base: str) -> None:
+    """The table by group, each variant against `base` on the same clicks."""
+    if base not in ranks:
+        raise SystemExit(f"--base {base!r}: not a variant of this run ({', '.join(ranks)})")
+    print(f"\n| variant | group | judged | HR@10 | NDCG@10 | dHR@10 vs {base} (SE) | "
+          f"dNDCG@10 vs {base} (SE) |")
+    print("|---|---|---|---|---|---|---|")
+    for text, variant_ranks in ranks.items():
+        for group in GROUPS:
+            mask = np.ones(len(groups), bool) if group == "all" else groups == group
+            if not mask.any():
+                continue
+            hit = (variant_ranks[mask] < 10).astype(float)
+            gain = hit / np.log2(variant_ranks[mask] + 2)
+            base_hit = (ranks[base][mask] < 10).astype(float)
+            base_gain = base_hit / np.log2(ranks[base][mask] + 2)
+            cells = [text, group, f"{mask.sum():,}", f"{hit.mean():.4f}", f"{gain.mean():.4f}"]
+            if text == base:
+                cells += ["", ""]
+            else:
+                for diff in (hit - base_hit, gain - base_gain):
+                    mean, se = clustered_mean_se(diff, users[mask])
+                    cells.append(f"{mean:+.4f} ({se:.4f})")
+            print("| " + " | ".join(cells) + " |")
+    print("\nNew titles: judgments whose item the served version had (could be recommended), "
+          "their HR@10 and median rank")
+    for text, variant_ranks in ranks.items():
+        new = variant_ranks[groups == NEW_TITLES]
+        inside = new[new < UNKNOWN_RANK]
+        print(f"{text}: {len(inside)} of {len(new)} in the version"
+              + (f", HR@10 {np.mean(inside < 10):.4f}, median rank {np.median(inside):.0f}"
+                 if len(inside) else ""))
+
+
+def report_saved(path: str, base: str) -> None:
+    saved = np.load(path)
+    ranks = {name.split(":", 1)[1]: saved[name] for name in saved.files
+             if name.startswith("ranks:")}
+    report(ranks, saved["groups"], saved["users"], base or next(iter(ranks)))
+
+if __name__ == "__main__":
+    main()

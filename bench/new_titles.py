@@ -106,52 +106,59 @@ def pessimistic_ranks(scores: torch.Tensor, targets: torch.Tensor) -> np.ndarray
 
 @torch.no_grad()
 def judged_ranks(model, history: dict[str, list[int]], pending: list[tuple[str, int, int]],
-                 tokens: int = 16384) -> np.ndarray:
+                 skip_unknown: bool = False, tokens: int = 16384) -> np.ndarray:
     """Rank of each pending (user, position, target): target = history[user][position], ranked
     after the items before it, by the served version as the worker has it: over the version's
-    own items (model.n_known), an item newer than the version fed as OOV in a history and a
-    miss as a target. A steppable model reads the user's whole stream history, as the
-    worker's state does (one pass per user for all its judged clicks); a window model the last
-    max_len items."""
+    own items (model.n_known), an item newer than the version fed as OOV in a history (or left
+    out of it: skip_unknown) and a miss as a target. A steppable model reads the user's whole
+    stream history, as the worker's state does (one pass per user for all its judged clicks);
+    a window model the last max_len items. An empty history reads one OOV item."""
     model.eval()
     max_len, n_known = model.config.max_len, model.n_known
-
-    def known(items) -> np.ndarray:
-        items = np.array(items, dtype=np.int64)
-        items[items >= n_known] = OOV
-        return items
-
+    sequences, positions = {}, []              # user -> items read; pending -> items before it
+    for user, position, _ in pending:
+        if user not in sequences:
+            items = np.array(history[user], dtype=np.int64)
+            if skip_unknown:
+                kept = items < n_known
+                sequences[user] = (items[kept], np.concatenate([[0], np.cumsum(kept)]))
+            else:
+                items[items >= n_known] = OOV
+                sequences[user] = (items, np.arange(len(items) + 1))
+        positions.append(int(sequences[user][1][position]))
+    sequences = {user: items for user, (items, _) in sequences.items()}
     reprs = torch.zeros(len(pending), model.item_embedding.embedding_dim)
+    empty = [k for k, position in enumerate(positions) if position == 0]
+    if empty:
+        reprs[empty] = model.forward(torch.tensor([[OOV]]), torch.tensor([1]))
     if model.steppable:
         by_user: dict[str, list[int]] = {}
         for k, (user, _, _) in enumerate(pending):
-            by_user.setdefault(user, []).append(k)
-        users = sorted(by_user, key=lambda u: max(pending[k][1] for k in by_user[u]))
+            if positions[k]:
+                by_user.setdefault(user, []).append(k)
+        end_of = {user: max(positions[k] for k in ks) for user, ks in by_user.items()}
+        users = sorted(by_user, key=end_of.get)
         start = 0
-        while start < len(users):
-            longest = max(pending[k][1] for k in by_user[users[start]])
+        while start < len(users):         # users sorted by length: batches of ~tokens items
             stop = start + 1
-            while stop < len(users) and (stop - start + 1) * max(
-                    longest, max(pending[k][1] for k in by_user[users[stop]])) <= tokens:
-                longest = max(longest, max(pending[k][1] for k in by_user[users[stop]]))
+            while stop < len(users) and (stop - start + 1) * end_of[users[stop]] <= tokens:
                 stop += 1
             batch = users[start:stop]
-            ends = [max(pending[k][1] for k in by_user[u]) for u in batch]
-            inputs = torch.from_numpy(pad_right(
-                [known(history[u][:end]) for u, end in zip(batch, ends)],
-                max(ends)))
+            inputs = torch.from_numpy(pad_right([sequences[u][:end_of[u]] for u in batch],
+                                                end_of[batch[-1]]))
             out = model.sequence_output(inputs)
             for row, user in enumerate(batch):
                 for k in by_user[user]:
-                    reprs[k] = out[row, pending[k][1] - 1]
+                    reprs[k] = out[row, positions[k] - 1]
             start = stop
     else:
-        for start in range(0, len(pending), 512):
-            windows = [known(history[u][max(0, p - max_len):p])
-                       for u, p, _ in pending[start:start + 512]]
+        judged = [k for k, position in enumerate(positions) if position]
+        for start in range(0, len(judged), 512):
+            rows = judged[start:start + 512]
+            windows = [sequences[pending[k][0]][max(0, positions[k] - max_len):positions[k]]
+                       for k in rows]
             inputs = torch.from_numpy(pad_right(windows, max_len))
-            reprs[start:start + len(windows)] = model.forward(
-                inputs, torch.tensor([len(w) for w in windows]))
+            reprs[rows] = model.forward(inputs, torch.tensor([len(w) for w in windows]))
     scores = mask_spare_rows(model.scores(reprs), n_known)
     targets = torch.tensor([t for _, _, t in pending], dtype=torch.long)
     new = targets >= n_known
@@ -201,7 +208,7 @@ def run_variant(args, checkpoint: Path, replayed, known_users: set[str], overrid
 
     def judge():
         if pending:
-            ranks.append(judged_ranks(trainer.serving, history, pending))
+            ranks.append(judged_ranks(trainer.serving, history, pending, args.skip_unknown))
         pending.clear()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -280,6 +287,10 @@ def main() -> None:
     parser.add_argument("--out", default="/tmp/ft", help="warm starts' cache (default /tmp/ft)")
     parser.add_argument("--save", default="",
                         help="save every variant's ranks, groups and users here (.npz)")
+    parser.add_argument("--skip-unknown", action="store_true",
+                        help="leave items the served version does not know out of the "
+                             "histories it reads (default: read them as OOV, the items' mean, "
+                             "as the worker does)")
     parser.add_argument("--base", default="",
                         help="the variant the others are compared with (default: the first)")
     parser.add_argument("--report", default="",

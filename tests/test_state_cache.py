@@ -202,6 +202,23 @@ def test_a_snapshot_interval_the_history_cannot_cover_is_refused():
         StateCache(None, torch.float32, 10, snapshot_every=26)
 
 
+def test_a_flush_is_due_once_flush_max_users_are_dirty_or_half_the_cache():
+    cache = StateCache(None, torch.float32, capacity=100, flush_max_users=3)
+    for u in range(3):
+        cache.add(f"u{u}", UserRecord(), 0, None)
+        assert not cache.needs_flush()
+        cache.mark_dirty(f"u{u}")
+    assert cache.needs_flush()
+    assert cache.flush().users == 3 and not cache.needs_flush()
+    roomy = StateCache(None, torch.float32, capacity=10, flush_max_users=1000)
+    for u in range(6):
+        roomy.add(f"u{u}", UserRecord(), 0, None)
+        roomy.mark_dirty(f"u{u}")
+    assert roomy.needs_flush()                              # more than half the rows
+    with pytest.raises(ValueError, match="flush_max_users must be at least 1, not 0"):
+        StateCache(None, torch.float32, 10, flush_max_users=0)
+
+
 def test_versions_announced_between_two_batches_keep_the_lineage():
     """v2 (child of v1) and v3 (child of v2) both arrive before the next batch: only v3 is
     served, and states started by v1 are still those of an ancestor (kept, not rebuilt)."""

@@ -68,6 +68,9 @@ class StreamConfig:
     # for states whatever the number of users; a user not in it is read from the table.
     state_cache_mb: int = 512
     flush_every_s: float = 2.0          # write changed users to the table (then commit) this often
+    # ... or as soon as this many users have changed: a flush costs ~10 us per user in the model
+    # thread, so a large one delays the batch it ends (latency p99, docs/RESULTS.md 4k)
+    flush_max_users: int = 512
     snapshot_every: int = 16            # a user's full state every N of its clicks, items between
     # Users idle longer than this (event time) keep their last 50 items, no state (33-66 KB): rebuilt
     # from those items at their next click (streams/worker/cold_tier.py); 0 = off

@@ -35,6 +35,7 @@ again for whatever partitions come back.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import threading
@@ -141,7 +142,8 @@ class ScoringAgent:
         self.cache = StateCache(scorer.template, scorer.state_dtype,
                                 capacity=cache_rows(cfg.state_cache_mb, scorer),
                                 snapshot_every=cfg.snapshot_every,
-                                history_len=scorer.history_len)
+                                history_len=scorer.history_len,
+                                flush_max_users=cfg.flush_max_users)
         if self.cache.capacity < 2 * cfg.batch_max:
             raise ValueError(f"--state-cache-mb {cfg.state_cache_mb} holds {self.cache.capacity} "
                              f"users: it must hold at least 2 x --batch-max ({cfg.batch_max})")
@@ -192,6 +194,10 @@ class ScoringAgent:
         for task in (finisher, writer, reader, timer):
             task.add_done_callback(self._task_done)
         self.started = True
+        # What exists now (Faust, torch, the model) lives as long as the worker: out of the
+        # garbage collector's sight. Its full collections walked all of it, 120-180 ms each
+        # with every thread stopped: the worst latencies (docs/RESULTS.md 4k).
+        gc.freeze()
         try:
             while True:
                 batch, flush = await self.next_batch()
@@ -517,6 +523,10 @@ class ScoringAgent:
         previous = self.scorer.version
         self.scorer.swap(*next_model)
         self.writer = RecommendationWriter(self.scorer.item_ids)
+        # The old version is garbage now; frozen (run), the collector would never see it.
+        gc.unfreeze()
+        gc.collect()
+        gc.freeze()
         log.info("serving model version %s (was %s)", self.scorer.version, previous)
         if self.metrics:
             self.metrics.model_swaps.inc()

@@ -15,7 +15,8 @@ of the events it covers, so a crash replays from stored states.
 
 Bounds: `capacity` users (rows). Only clean users (in the table, or in a flush on its way
 there, which `unwritten` keeps readable) are evicted, least recently used first; the agent
-flushes when more than half of the rows are dirty, so a batch always finds room.
+flushes when more than half of the rows are dirty, so a batch always finds room, and once
+`flush_max_users` are (a flush's cost is per user, and it delays the batch it ends).
 
 Used from the model thread only, except `flush_written` (the event loop).
 """
@@ -63,9 +64,13 @@ class Flush:
 
 class StateCache:
     def __init__(self, template: dict[str, torch.Tensor] | None, dtype, capacity: int,
-                 snapshot_every: int = 16, history_len: int = HISTORY_LEN):
+                 snapshot_every: int = 16, history_len: int = HISTORY_LEN,
+                 flush_max_users: int = 512):
         if capacity < 2:
             raise ValueError(f"state cache of {capacity} users: too small")
+        if flush_max_users < 1:
+            raise ValueError(f"flush_max_users must be at least 1, not {flush_max_users}")
+        self.flush_max_users = flush_max_users
         if not 1 <= snapshot_every <= history_len // 2:
             # A crash between a flush's record and snapshot writes leaves the previous
             # snapshot: the history must still reach back to it.
@@ -182,8 +187,9 @@ class StateCache:
         self.dirty.add(user)
 
     def needs_flush(self) -> bool:
-        """More than half the rows dirty: flush, so the next batch has room."""
-        return len(self.dirty) > self.capacity // 2
+        """More than half the rows dirty (flush, so the next batch has room), or as many
+        users as one flush should cover."""
+        return len(self.dirty) > self.capacity // 2 or len(self.dirty) >= self.flush_max_users
 
     def drop_all(self) -> int:
         """Forget every user (a rebalance: the table is the truth again). Returns how many

@@ -293,8 +293,9 @@ def main() -> None:
                              "as the worker does)")
     parser.add_argument("--base", default="",
                         help="the variant the others are compared with (default: the first)")
-    parser.add_argument("--report", default="",
-                        help="print the tables of a --save file (with --base) and stop")
+    parser.add_argument("--report", nargs="*", default=[],
+                        help="print the tables of --save files of one stream (with --base) "
+                             "and stop")
     args = parser.parse_args()
     if args.report:
         return report_saved(args.report, args.base)
@@ -377,11 +378,22 @@ def report(ranks: dict[str, np.ndarray], groups: np.ndarray, users: np.ndarray,
                  if len(inside) else ""))
 
 
-def report_saved(path: str, base: str) -> None:
-    saved = np.load(path)
-    ranks = {name.split(":", 1)[1]: saved[name] for name in saved.files
-             if name.startswith("ranks:")}
-    report(ranks, saved["groups"], saved["users"], base or next(iter(ranks)))
+def report_saved(paths: list[str], base: str) -> None:
+    """The tables of one or more --save files of the same stream (the same clicks judged);
+    a variant name met again in a later file gets that file's name after an @."""
+    ranks, groups, users = {}, None, None
+    for path in paths:
+        saved = np.load(path)
+        if groups is not None and not (np.array_equal(saved["groups"], groups)
+                                       and np.array_equal(saved["users"], users)):
+            raise SystemExit(f"{path}: not the same judged clicks as {paths[0]}")
+        groups, users = saved["groups"], saved["users"]
+        for name in saved.files:
+            if name.startswith("ranks:"):
+                text = name.split(":", 1)[1]
+                ranks[text if text not in ranks else f"{text}@{Path(path).stem}"] = saved[name]
+    report(ranks, groups, users, base or next(iter(ranks)))
+
 
 if __name__ == "__main__":
     main()

@@ -15,10 +15,11 @@ demo's recipe (cached in --out); then the stream after the cut-off is fed to the
 
 Every click after the user's first in the stream is judged prequentially, as the stream does:
 ranked by the version served when it arrives, given the user's stream history (whole, as the
-worker's state holds it, for a steppable model), over the version's own items (the worker serves the version, not the trainer's newer
-vocabulary: a title newer than the version is a miss). Ties count against the target (new
-titles' rows still at the known items' mean tie with each other: the worker could show at
-most ten of them).
+worker's state holds it, for a steppable model), over the version's own items (the worker
+serves the version, not the trainer's newer vocabulary: a title newer than the version is a
+miss; in a history it is read as OOV, or left out with --skip-unknown). Ties count against
+the target (new titles' rows still at the known items' mean tie with each other: the worker
+could show at most ten of them).
 Judgments are grouped: new titles (the item unknown to the warm start), new users (no click
 before the cut-off), the rest. Differences against "off" are paired (the same clicks) with
 standard errors clustered by user.

@@ -61,10 +61,13 @@ def test_target_ranks_and_metrics_by_hand():
         assert m[key] == pytest.approx(value, abs=1e-12), key
 
 
-def test_target_rank_counts_only_strictly_higher_scores():
+def test_items_that_tie_with_the_target_rank_ahead_of_it():
+    # Untrained rows of new items all score alike: none of them may count as a hit for that.
     scores = torch.tensor([[-torch.inf, 1.0, 1.0, 1.0, 2.0]])
-    assert target_ranks(scores, torch.tensor([2])).tolist() == [1]      # ties do not count
+    assert target_ranks(scores, torch.tensor([2])).tolist() == [3]      # behind 4 and 1, 3
     assert target_ranks(scores, torch.tensor([4])).tolist() == [0]
+    flat = torch.zeros(1, 200)                                          # all tie: last
+    assert target_ranks(flat, torch.tensor([7])).tolist() == [199]
     m = metrics_from_ranks(torch.tensor([4, 5]), cutoffs=(5,))        # rank 5 is outside top 5
     assert m["hr@5"] == 0.5 and m["mrr@5"] == pytest.approx(1 / 5 / 2)
 

@@ -17,9 +17,8 @@ CUTOFFS = (5, 10, 20)
 def target_ranks(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """scores (batch, n_items), targets (batch,) -> 0-based rank of each target; items that
     tie with it rank ahead of it. In the target's favour, a version whose new items' rows are
-    all alike (untrained: one score) would be credited with a hit for every one of them: the
-    fine-tuning gate published such a candidate at 7x the serving version's NDCG
-    (docs/RESULTS.md 11). Trained rows almost never tie, so published figures do not move."""
+    all alike (untrained: one score) would be credited with a hit for each of them, in the
+    fine-tuning gate's holdout too. Trained rows almost never tie: published figures stay."""
     target_scores = scores.gather(1, targets.view(-1, 1))
     ranks = (scores >= target_scores).sum(dim=1) - 1
     ranks[~torch.isfinite(target_scores.squeeze(1))] = scores.shape[1]

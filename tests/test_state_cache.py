@@ -282,3 +282,60 @@ def test_a_window_models_cache_is_bounded_too():
     for u in range(10):
         cache.add(f"u{u}", UserRecord(), 0, None)
     assert len(cache) == 4
+
+
+def test_recommendations_go_out_while_a_flush_is_written_and_acks_wait_for_it():
+    """The writer task: a flush the table has not acknowledged yet holds up neither the next
+    batches nor their recommendations, only the acks (the offsets Faust may commit) of the
+    events it covers; those come, in order, once it is written."""
+    import asyncio
+
+    async def scenario():
+        release = asyncio.Event()
+        table, sent, acked = DictTable(), [], []
+
+        class SlowTable:
+            read_many = table.read_many
+
+            async def write(self, writes):
+                await release.wait()
+                for partition, key, value in writes:
+                    table.write(partition, key, value)
+
+        class Recommendations:
+            async def send(self, key, value):
+                sent.append(decode_recommendation(value)["event_id"])
+                done = asyncio.get_running_loop().create_future()
+                done.set_result(None)
+                return done
+
+        async def ack(message_event):
+            acked.append(message_event.message.offset)
+
+        scorer = Scorer(small_model(), ITEM_IDS, "v1", trace_step=True)
+        cfg = StreamConfig(flush_every_s=3600, batch_max=2, batch_wait_ms=1,
+                           flush_max_users=1)          # every batch ends with a flush
+        agent = ScoringAgent(cfg, scorer, Recommendations(), None, SlowTable())
+        stream = SimpleNamespace(channel=SimpleNamespace(queue=asyncio.Queue()), ack=ack)
+        # 10 clicks, 5 batches, 5 flushes. Written in the finisher, the first flush would hold
+        # it, two batches would wait in its queue (--pipeline-depth) and a fourth to be put
+        # there: the fifth never scored. With the writer a flush waits in line behind it.
+        events = clicks(n_users=2, per_user=5)
+        task = asyncio.ensure_future(agent.run(stream))
+
+        async def until(condition):
+            while not condition():
+                assert not task.done(), task.exception()
+                await asyncio.sleep(0.01)
+
+        for message_event in events:
+            stream.channel.queue.put_nowait(message_event)
+        await asyncio.wait_for(until(lambda: len(sent) == 10), 30)
+        assert acked == [] and agent.cache.written() == 0
+        release.set()
+        await asyncio.wait_for(until(lambda: len(acked) == 10), 30)
+        assert sorted(sent) == sorted(f"e{u}-{s}" for u in range(2) for s in range(5))
+        assert agent.cache.written() == 5
+        task.cancel()
+
+    asyncio.run(scenario())

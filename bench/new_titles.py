@@ -47,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from model.models.base import OOV  # noqa: E402
 from model.config import parse_fields  # noqa: E402
+from model.metrics import target_ranks  # noqa: E402
 from model.data.protocol import _subset, load_interactions, prepare, until  # noqa: E402
 from model.training import TrainConfig, describe_run, pad_right, train  # noqa: E402
 from model.vocab import mask_spare_rows  # noqa: E402
@@ -95,14 +96,6 @@ def warm_start(args, cutoff: float, held_out: list[str]) -> Path:
     save_checkpoint(path, result.model, data.item_ids, run)
     path.with_suffix(".json").write_text(json.dumps(run, indent=2))
     return path
-
-
-def pessimistic_ranks(scores: torch.Tensor, targets: torch.Tensor) -> np.ndarray:
-    """0-based rank of each target: items scored above it plus the others tied with it."""
-    target = scores.gather(1, targets.view(-1, 1))
-    ranks = (scores > target).sum(1) + (scores == target).sum(1) - 1
-    ranks[~torch.isfinite(target.squeeze(1))] = scores.shape[1]
-    return ranks.numpy()
 
 
 @torch.no_grad()
@@ -163,7 +156,7 @@ def judged_ranks(model, history: dict[str, list[int]], pending: list[tuple[str, 
     scores = mask_spare_rows(model.scores(reprs), n_known)
     targets = torch.tensor([t for _, _, t in pending], dtype=torch.long)
     new = targets >= n_known
-    ranks = pessimistic_ranks(scores, targets.clamp(max=n_known - 1))
+    ranks = target_ranks(scores, targets.clamp(max=n_known - 1)).numpy()   # ties count against
     ranks[new.numpy()] = UNKNOWN_RANK               # not in the version: never recommended
     return ranks
 

@@ -86,8 +86,6 @@ class Event:
     offset: int = -1
 
 
-
-
 @dataclass
 class BatchStats:
     events: int = 0

@@ -76,19 +76,19 @@ class UserRecord:
         if flags not in (_JOINED_HISTORY, _SIZED_HISTORY):
             raise ValueError(f"user record with unknown flags {flags}")
         at, parts = _HEAD.size, []
-        for n in (*lengths, extension):
+        for n in lengths:
             parts.append(bytes(data[at:at + n]))
             at += n
+        at += extension         # only fields of later versions: skipped
         if at > len(data):
             raise ValueError(f"user record of {len(data)} bytes: truncated (needs {at})")
         model_version, last_event_id, offsets_of, last_version = (p.decode() for p in parts[:4])
-        record = cls(model_version=model_version, state=bytes(data[at:]),
-                     last_offset=last_offset, last_event_id=last_event_id,
-                     offsets_of=offsets_of, history=_history(parts[4], count, flags),
-                     events_applied=events_applied, unknown_items=unknown_items,
-                     snapshot_at=snapshot_at, last_version=last_version,
-                     last_event_time=last_event_time)
-        return record       # the extension (parts[5]) holds only fields of later versions
+        return cls(model_version=model_version, state=bytes(data[at:]),
+                   last_offset=last_offset, last_event_id=last_event_id,
+                   offsets_of=offsets_of, history=_history(parts[4], count, flags),
+                   events_applied=events_applied, unknown_items=unknown_items,
+                   snapshot_at=snapshot_at, last_version=last_version,
+                   last_event_time=last_event_time)
 
     @classmethod
     def _from_json_header(cls, data: bytes) -> "UserRecord":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import threading
@@ -35,8 +36,9 @@ class RestartableBroker:
         assert done.returncode == 0, done.stderr
 
 
-def test_worker_and_trainer_go_on_after_a_broker_restart(checkpoint, tmp_path):  # noqa: F811
+def test_worker_and_trainer_go_on_after_a_broker_restart(checkpoint, tmp_path, caplog):  # noqa: F811
     path, model = checkpoint
+    caplog.set_level(logging.INFO, logger="streams.trainer.trainer")
     broker = RestartableBroker(tmp_path / "kafka")
     broker.run("start")
     name = uuid.uuid4().hex[:8]
@@ -68,7 +70,9 @@ def test_worker_and_trainer_go_on_after_a_broker_restart(checkpoint, tmp_path): 
         assert worker.process.poll() is None, worker.log_tail()
         deadline = time.monotonic() + 60                # the trainer consumes and publishes again
         while len(read_announcements(broker.bootstrap, f"model-updates-{name}")) <= versions_before:
-            assert time.monotonic() < deadline, "no version after the restart"
+            assert time.monotonic() < deadline, (
+                f"no version after the restart; trainer alive: {trainer.is_alive()}, its log:\n"
+                + "\n".join(r.getMessage() for r in caplog.records[-10:]))
             time.sleep(1)
         assert trainer.is_alive()
     finally:

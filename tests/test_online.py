@@ -362,3 +362,33 @@ def test_a_commit_refused_because_the_group_took_the_partitions_does_not_stop_th
         assert commit(Consumer(code)) is False
     with pytest.raises(KafkaException):
         commit(Consumer(KafkaError.TOPIC_AUTHORIZATION_FAILED))
+
+
+def test_an_announcement_the_broker_does_not_confirm_keeps_the_serving_version_and_retries(
+        phase_a_model, tmp_path):
+    """Right after a broker restart an announcement can go unconfirmed; the trainer must go on
+    serving its version and try the round again, not end (it once ended the trainer thread)."""
+    from streams.shared.model_updates import AnnouncementError
+
+    published = []
+    trainer = make_trainer(phase_a_model, tmp_path, published, steps=2, min_holdout=10 ** 6,
+                           round_every_s=0.0)
+    confirmed = trainer.publish
+    failures = iter([True])
+
+    def publish_once_unconfirmed(*args):
+        if next(failures, False):
+            raise AnnouncementError("announcement of v2 not confirmed by the broker within 30 s")
+        return confirmed(*args)
+
+    trainer.publish = publish_once_unconfirmed
+    for user, item in interleave(chain_sequences(1, 20, 10, seed=5)):
+        trainer.add(user, ITEM_IDS[item])
+    first = trainer.run_round()
+    assert next(failures, None) is None, "the first round did not try to announce"
+    assert first.published is None and trainer.version == "v1" and not published
+    assert trainer.due(), "the clicks of the unconfirmed round must bring another round"
+    second = trainer.run_round()
+    assert second.published is published[-1] and trainer.version == published[-1]["version"]
+    assert published[-1]["parent"] == "v1"
+    assert not trainer.due()

@@ -31,12 +31,28 @@ def ensure_model_updates_topic(bootstrap: str, topic: str, replication: int = 1)
                   configs={topic: {"cleanup.policy": "compact"}})
 
 
+class AnnouncementError(RuntimeError):
+    """An announcement the broker did not confirm in time."""
+
+
+class Announcer:
+    """One idempotent producer for a publisher's life: a producer per announcement had to get a
+    producer id each time, which after a broker restart can take longer than the wait."""
+
+    def __init__(self, bootstrap: str, topic: str, extra_config=None, timeout_s: float = 30.0):
+        self.topic, self.timeout_s = topic, timeout_s
+        self.producer = Producer({**client_config(bootstrap), "enable.idempotence": True,
+                                  **(extra_config or {})})
+
+    def announce(self, announcement: dict) -> None:
+        self.producer.produce(self.topic, key=KEY, value=json.dumps(announcement).encode())
+        if self.producer.flush(self.timeout_s):
+            raise AnnouncementError(f"announcement of {announcement['version']} not confirmed "
+                                    f"by the broker within {self.timeout_s:g} s")
+
+
 def announce(bootstrap: str, topic: str, announcement: dict, extra_config=None) -> None:
-    producer = Producer({**client_config(bootstrap), "enable.idempotence": True,
-                         **(extra_config or {})})
-    producer.produce(topic, key=KEY, value=json.dumps(announcement).encode())
-    if producer.flush(30):
-        raise RuntimeError(f"announcement of {announcement['version']} not delivered")
+    Announcer(bootstrap, topic, extra_config).announce(announcement)
 
 
 def read_announcements(bootstrap: str, topic: str, timeout: float = 5.0) -> list[dict]:

@@ -28,6 +28,7 @@ import torch
 from model.finetune import FineTuneConfig, fine_tune, next_item_metrics
 from model.vocab import grow_item_embedding
 from streams.shared.config import TrainerConfig
+from streams.shared.model_updates import AnnouncementError
 from streams.trainer.replay_buffer import BufferConfig, ReplayBuffer
 
 log = logging.getLogger(__name__)
@@ -148,8 +149,16 @@ class OnlineTrainer:
             metrics = {"holdout": cand_metrics, "serving_holdout": serving_metrics,
                        "anchor_holdout": anchor_metrics, "holdout_events": len(examples),
                        "loss": loss}
-            published = self.publish(candidate, self.item_ids, metrics, self.version,
-                                     trained_through)
+            try:
+                published = self.publish(candidate, self.item_ids, metrics, self.version,
+                                         trained_through)
+            except AnnouncementError as exc:
+                # The broker may be away for a while; losing the trainer over it is worse.
+                log.error("%s: serving version %s kept, the round is tried again in %g s",
+                          exc, self.version, cfg.round_every_s)
+                self.last_round = time.monotonic()
+                return RoundResult(None, cand_metrics, serving_metrics, anchor_metrics, loss,
+                                   time.perf_counter() - started, self.new_items_since_round)
             self.serving, self.version = candidate.eval(), published["version"]
         result = RoundResult(published, cand_metrics, serving_metrics, anchor_metrics, loss,
                              time.perf_counter() - started, self.new_items_since_round)
@@ -195,8 +204,8 @@ def run_trainer(cfg: TrainerConfig, stop=None) -> None:
     from streams.shared.kafka_config import client_config
     from streams.shared.metrics import MetricsServer, TrainerMetrics
     from streams.shared.model_store import ModelStore
-    from streams.shared.model_updates import (announce, ensure_model_updates_topic, newest_loadable,
-                                       read_announcements)
+    from streams.shared.model_updates import (Announcer, ensure_model_updates_topic,
+                                              newest_loadable, read_announcements)
     from streams.shared.topics import ensure_topics, topic_id
 
     logging.basicConfig(level=cfg.log_level.upper(),
@@ -210,6 +219,7 @@ def run_trainer(cfg: TrainerConfig, stop=None) -> None:
     store = ModelStore(cfg.model_store)
     announcements = read_announcements(cfg.broker, cfg.model_updates_topic)
     model, payload = newest_loadable(store, announcements, device) or (None, None)
+    announcer = Announcer(cfg.broker, cfg.model_updates_topic)
     if model is None and announcements:
         # Announcing the start checkpoint now would roll every scorer back to it.
         raise RuntimeError(f"none of the {len(announcements)} announced model versions loads "
@@ -220,12 +230,12 @@ def run_trainer(cfg: TrainerConfig, stop=None) -> None:
         # Same version id: scorers started from this checkpoint have nothing to swap.
         first = store.publish(model, payload["item_ids"], payload["metrics"], parent=None,
                               version=payload["version"])
-        announce(cfg.broker, cfg.model_updates_topic, first)
+        announcer.announce(first)
         log.info("announced the checkpoint %s as version %s", cfg.checkpoint, first["version"])
 
     def publish(candidate, item_ids, metrics, parent, trained_through):
         announcement = store.publish(candidate, item_ids, metrics, parent, trained_through)
-        announce(cfg.broker, cfg.model_updates_topic, announcement)
+        announcer.announce(announcement)
         return announcement
 
     buffer = ReplayBuffer(cfg.buffer_dir, buffer_config(cfg), cfg.seed)

@@ -17,9 +17,9 @@ Every click after the user's first in the stream is judged prequentially, as the
 ranked by the version served when it arrives, given the user's stream history (whole, as the
 worker's state holds it, for a steppable model), over the version's own items (the worker
 serves the version, not the trainer's newer vocabulary: a title newer than the version is a
-miss; in a history it is read as OOV, or left out with --skip-unknown). Ties count against
-the target (new titles' rows still at the known items' mean tie with each other: the worker
-could show at most ten of them).
+miss; in a history it is left out as the worker does, or read as OOV with --unknown oov).
+Ties count against the target (new titles' rows still at the known items' mean tie with each
+other: the worker could show at most ten of them).
 Judgments are grouped: new titles (the item unknown to the warm start), new users (no click
 before the cut-off), the rest. Differences against "off" are paired (the same clicks) with
 standard errors clustered by user.
@@ -202,7 +202,7 @@ def run_variant(args, checkpoint: Path, replayed, known_users: set[str], overrid
 
     def judge():
         if pending:
-            ranks.append(judged_ranks(trainer.serving, history, pending, args.skip_unknown))
+            ranks.append(judged_ranks(trainer.serving, history, pending, args.unknown == "skip"))
         pending.clear()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -281,10 +281,11 @@ def main() -> None:
     parser.add_argument("--out", default="/tmp/ft", help="warm starts' cache (default /tmp/ft)")
     parser.add_argument("--save", default="",
                         help="save every variant's ranks, groups and users here (.npz)")
-    parser.add_argument("--skip-unknown", action="store_true",
-                        help="leave items the served version does not know out of the "
-                             "histories it reads (default: read them as OOV, the items' mean, "
-                             "as the worker does)")
+    parser.add_argument("--unknown", choices=["skip", "oov"], default="skip",
+                        help="an item the served version does not know, in a history: left "
+                             "out of what it reads (skip, as the worker does) or read as OOV, "
+                             "the items' mean (oov, as the worker did before RESULTS 11b) "
+                             "(default skip)")
     parser.add_argument("--base", default="",
                         help="the variant the others are compared with (default: the first)")
     parser.add_argument("--report", nargs="*", default=[],

@@ -18,25 +18,32 @@ from model.models.base import OOV
 def next_item_ranks(model, sequences: list[np.ndarray], batch_size: int = 32,
                     device="cpu") -> list[np.ndarray]:
     """ranks[u][t] = 1-based rank of sequences[u][t+1] after sequences[u][:t+1]; 0 when that
-    item is unknown to the model (OOV, -1), which no ranking can contain."""
+    item is unknown to the model (OOV, -1), which no ranking can contain. An unknown item in
+    a history is left out of what the model reads, as the streaming scorer does; a history of
+    unknown items only is read as one OOV item."""
     model.require_whole_histories("ranking over whole histories")
     model.eval()
     weight = model.item_embedding.weight
+    neutral = model.sequence_output(torch.tensor([[OOV]], device=device))[0, 0]
     out: list[np.ndarray | None] = [None] * len(sequences)
-    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    read = [np.asarray(s)[np.asarray(s) != OOV] for s in sequences]
+    order = sorted(range(len(sequences)), key=lambda i: len(read[i]))
     for start in range(0, len(order), batch_size):
         rows = order[start:start + batch_size]
-        longest = max(len(sequences[i]) for i in rows)
+        longest = max(len(read[i]) for i in rows)
         inputs = torch.zeros(len(rows), max(longest, 1), dtype=torch.long)
         for r, i in enumerate(rows):
-            inputs[r, :len(sequences[i])] = torch.as_tensor(sequences[i])
+            inputs[r, :len(read[i])] = torch.as_tensor(read[i])
         hidden = model.sequence_output(inputs.to(device))
         for r, i in enumerate(rows):
             seq = torch.as_tensor(sequences[i], device=device)
             if len(seq) < 2:
                 out[i] = np.zeros(0, dtype=np.int64)
                 continue
-            scores = hidden[r, :len(seq) - 1] @ weight.t()
+            # after event t the model has read the known items among the first t + 1
+            known_so_far = torch.cumsum(seq[:-1] != OOV, 0)
+            after = torch.cat([neutral[None], hidden[r]])[known_so_far]
+            scores = after @ weight.t()
             scores[:, 0] = -torch.inf
             targets = seq[1:]
             known = targets != OOV

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from model.models import build_model
+from model.models.base import OOV
 from streams.worker import user_record
 from streams.worker.scoring import Event, Scorer, UserRecord
 
@@ -34,7 +35,7 @@ def make_events(n_users=4, per_user=6, seed=0):
 def offline_top_k(model, items: list[int], k=10):
     """Step one user alone over its items; the top k after the last one."""
     state = model.init_state(1)
-    for item in items:
+    for item in items or [OOV]:             # nothing known read yet: as after one unknown
         state, repr_ = model.step(state, torch.tensor([item]))
     scores, top = torch.topk(model.scores(repr_), k)
     return top[0].tolist(), scores[0]
@@ -159,6 +160,37 @@ def test_unknown_items_are_kept_counted_and_scored():
     assert stats.unknown_items == 1 and len(recs) == 2
     assert updated["u"].history == ["item3", "brand-new"] and updated["u"].unknown_items == 1
     assert all(torch.isfinite(torch.tensor([i["score"] for i in r["items"]])).all() for r in recs)
+
+
+@pytest.mark.parametrize("name", ["mlsa4rec-s", "mamba4rec", "mlsa4rec"])
+def test_an_unknown_title_is_left_out_of_what_the_model_reads(name):
+    """A click on a title the version does not know leaves the user's state as it was and is
+    ranked from it; a user's first click on one is ranked as after one unknown item. The same
+    holds when another model version rebuilds the state from the history."""
+    model = small_model(name)
+    scorer = Scorer(model, ITEM_IDS, "v1")
+    events = [Event("u", "brand-new", "a", 0, 0, 0), Event("u", "item3", "b", 1, 0, 1),
+              Event("u", "newer", "c", 2, 0, 2), Event("u", "item5", "d", 3, 0, 3)]
+    updated, recs, _ = scorer.process(events, {"u": None})
+    read_before = [[], [3], [3], [3, 5]]          # the known items read before each ranking
+
+    def expected(model, items):             # right-padded to the window, as the worker reads
+        items = items or [OOV]
+        return model.full_sort_scores(torch.tensor([items + [0] * (20 - len(items))]),
+                                      torch.tensor([len(items)]))[0]
+
+    for rec, items in zip(recs, read_before):
+        scores = expected(model, items)
+        assert [ITEM_IDS.index(i["item_id"]) for i in rec["items"]] == \
+            torch.topk(scores, 10).indices.tolist(), (rec["event_id"], items)
+    # Another lineage rebuilds u's state from its history: the unknown titles left out again.
+    torch.manual_seed(1)
+    other = build_model(name, N_ITEMS, {"hidden": 32, "max_len": 20}).eval()
+    scorer.swap(other, ITEM_IDS, "w1")
+    _, (rec,), stats = scorer.process([Event("u", "newest", "e", 4, 0, 4)], updated)
+    assert stats.rebuilt_states == (1 if other.steppable else 0)
+    assert [ITEM_IDS.index(i["item_id"]) for i in rec["items"]] == \
+        torch.topk(expected(other, [3, 5]), 10).indices.tolist()
 
 
 def test_paper_model_is_served_by_recomputing_the_window():

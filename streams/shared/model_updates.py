@@ -35,24 +35,14 @@ class AnnouncementError(RuntimeError):
     """An announcement the broker did not confirm in time."""
 
 
-class Announcer:
-    """One idempotent producer for a publisher's life: a producer per announcement had to get a
-    producer id each time, which after a broker restart can take longer than the wait."""
-
-    def __init__(self, bootstrap: str, topic: str, extra_config=None, timeout_s: float = 30.0):
-        self.topic, self.timeout_s = topic, timeout_s
-        self.producer = Producer({**client_config(bootstrap), "enable.idempotence": True,
-                                  **(extra_config or {})})
-
-    def announce(self, announcement: dict) -> None:
-        self.producer.produce(self.topic, key=KEY, value=json.dumps(announcement).encode())
-        if self.producer.flush(self.timeout_s):
-            raise AnnouncementError(f"announcement of {announcement['version']} not confirmed "
-                                    f"by the broker within {self.timeout_s:g} s")
-
-
-def announce(bootstrap: str, topic: str, announcement: dict, extra_config=None) -> None:
-    Announcer(bootstrap, topic, extra_config).announce(announcement)
+def announce(bootstrap: str, topic: str, announcement: dict, extra_config=None,
+             timeout_s: float = 30.0) -> None:
+    producer = Producer({**client_config(bootstrap), "enable.idempotence": True,
+                         **(extra_config or {})})
+    producer.produce(topic, key=KEY, value=json.dumps(announcement).encode())
+    if producer.flush(timeout_s):
+        raise AnnouncementError(f"announcement of {announcement['version']} not confirmed "
+                                f"by the broker within {timeout_s:g} s")
 
 
 def read_announcements(bootstrap: str, topic: str, timeout: float = 5.0) -> list[dict]:

@@ -204,7 +204,7 @@ def run_trainer(cfg: TrainerConfig, stop=None) -> None:
     from streams.shared.kafka_config import client_config
     from streams.shared.metrics import MetricsServer, TrainerMetrics
     from streams.shared.model_store import ModelStore
-    from streams.shared.model_updates import (Announcer, ensure_model_updates_topic,
+    from streams.shared.model_updates import (announce, ensure_model_updates_topic,
                                               newest_loadable, read_announcements)
     from streams.shared.topics import ensure_topics, topic_id
 
@@ -219,7 +219,6 @@ def run_trainer(cfg: TrainerConfig, stop=None) -> None:
     store = ModelStore(cfg.model_store)
     announcements = read_announcements(cfg.broker, cfg.model_updates_topic)
     model, payload = newest_loadable(store, announcements, device) or (None, None)
-    announcer = Announcer(cfg.broker, cfg.model_updates_topic)
     if model is None and announcements:
         # Announcing the start checkpoint now would roll every scorer back to it.
         raise RuntimeError(f"none of the {len(announcements)} announced model versions loads "
@@ -230,12 +229,12 @@ def run_trainer(cfg: TrainerConfig, stop=None) -> None:
         # Same version id: scorers started from this checkpoint have nothing to swap.
         first = store.publish(model, payload["item_ids"], payload["metrics"], parent=None,
                               version=payload["version"])
-        announcer.announce(first)
+        announce(cfg.broker, cfg.model_updates_topic, first)
         log.info("announced the checkpoint %s as version %s", cfg.checkpoint, first["version"])
 
     def publish(candidate, item_ids, metrics, parent, trained_through):
         announcement = store.publish(candidate, item_ids, metrics, parent, trained_through)
-        announcer.announce(announcement)
+        announce(cfg.broker, cfg.model_updates_topic, announcement)
         return announcement
 
     buffer = ReplayBuffer(cfg.buffer_dir, buffer_config(cfg), cfg.seed)

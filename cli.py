@@ -122,11 +122,20 @@ def cmd_worker(args) -> int:
     return 0
 
 
+def _stop_cleanly_on_sigterm() -> None:
+    """SIGTERM (how services are stopped) as an exception, so `finally` blocks run: the
+    replay records what it delivered, the trainer closes its buffer and leaves its group.
+    SIGINT alone is not enough: a shell ignores it in the jobs it starts in the background."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
 def cmd_trainer(args) -> int:
     from streams.shared.config import TrainerConfig
     from streams.trainer.trainer import run_trainer
 
-    run_trainer(typed_config.build(TrainerConfig, args))
+    cfg = typed_config.build(TrainerConfig, args)
+    _stop_cleanly_on_sigterm()
+    run_trainer(cfg)
     return 0
 
 
@@ -134,8 +143,7 @@ def cmd_replay(args) -> int:
     from streams.replay.log_replay import ReplayConfig, replay
 
     cfg = typed_config.build(ReplayConfig, args)
-    # SIGTERM as an exception, so the replay records what it delivered before it exits
-    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    _stop_cleanly_on_sigterm()
     sent = replay(args.source, cfg)
     print(f"replayed {sent} events of {args.source} to {cfg.interactions_topic}", file=sys.stderr)
     return 0

@@ -230,7 +230,7 @@ def test_the_trainer_reads_registry_framed_clicks_into_its_buffer_and_refuses_ba
         assert metric(page, events) == len(stream.good)
         assert metric(page, refused) == len(BAD_CLICKS)
     finally:
-        trainer.send_signal(signal.SIGINT)         # KeyboardInterrupt: the buffer is closed
+        trainer.send_signal(signal.SIGTERM)        # a clean stop: the buffer is closed
         trainer.communicate(timeout=60)
     buffer = ReplayBuffer(buffer_dir)
     try:

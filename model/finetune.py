@@ -23,17 +23,7 @@ class FineTuneConfig:
     batch_size: int = 64
     lr: float = 1e-4
     max_len: int = 50
-    imprint_norm: float = 1.0     # imprinted rows' length, times the reference length below
-    # the reference length of an imprinted row: "mean", the known rows' mean length; "clicks",
-    # the median length of the IMPRINT_NEIGHBOURS known rows whose click counts (as targets in
-    # the round's samples) are closest to the new title's; "score", the length at which the
-    # new row scores on its own contexts, on average, the median of what those known rows
-    # score on theirs (imprint_new_items)
-    imprint_length: str = "mean"
-
-
-IMPRINT_LENGTHS = ("mean", "clicks", "score")
-IMPRINT_NEIGHBOURS = 25       # known rows a "clicks" length is the median of
+    imprint_norm: float = 1.0     # imprinted rows' length, in the known rows' mean lengths
 
 
 def training_batches(model, sequences: list[np.ndarray], max_len: int):
@@ -49,29 +39,12 @@ def training_batches(model, sequences: list[np.ndarray], max_len: int):
     return tuple(map(torch.from_numpy, (inputs, np.asarray(lengths), targets)))
 
 
-def popularity_matched(known_values: torch.Tensor, known_clicks: torch.Tensor,
-                       new_clicks: torch.Tensor,
-                       neighbours: int = IMPRINT_NEIGHBOURS) -> torch.Tensor:
-    """For each new title's click count: the median value (e.g. row length) of the
-    `neighbours` known items whose click counts are closest to it (ties in distance broken by
-    id: stable sort)."""
-    k = min(neighbours, len(known_values))
-    distance = (known_clicks[None, :].float() - new_clicks[:, None].float()).abs()
-    nearest = torch.sort(distance, dim=1, stable=True).indices[:, :k]
-    return known_values[nearest].median(dim=1).values
-
-
 @torch.no_grad()
 def imprint_new_items(model, samples, first_new: int, norm_scale: float = 1.0,
-                      chunk: int = 256, length: str = "mean") -> int:
+                      chunk: int = 256) -> int:
     """Rows of the items with ids >= first_new that are targets in `samples`: set to the mean
-    of the model's representations just before them (their direction), at norm_scale times a
-    reference length: the known items' mean norm (length="mean"); per new title, the median
-    norm of the known items clicked about as often in `samples` (length="clicks",
-    popularity_matched); or, per new title, the norm at which its mean score on the contexts
-    that led to it is the median of those known items' mean scores on theirs (length="score":
-    the direction fits its contexts exactly, a known row does not, so equal lengths are not
-    equal scores); returns how many were set. A shorter row scores lower for every
+    of the model's representations just before them (their direction), at norm_scale times the
+    known items' mean norm; returns how many were set. A shorter row scores lower for every
     context, so a new title enters only the top 10s of the contexts closest to its own.
 
     A new item's row starts at the known items' mean (model/vocab.py), and a round's few
@@ -79,8 +52,6 @@ def imprint_new_items(model, samples, first_new: int, norm_scale: float = 1.0,
     however often it is clicked. Scores are dot products, so the row that scores highest for
     the contexts that led to the item points where they point ("imprinting"): a new title
     clicked in this round's samples becomes recommendable in the version that follows."""
-    if length not in IMPRINT_LENGTHS:
-        raise ValueError(f"imprint_length {length!r}: must be one of {', '.join(IMPRINT_LENGTHS)}")
     inputs, lengths, targets = samples
     rows = model.item_embedding.weight
     if not (targets >= first_new).any():
@@ -88,7 +59,6 @@ def imprint_new_items(model, samples, first_new: int, norm_scale: float = 1.0,
     model.eval()
     sums = torch.zeros(rows.shape[0] - first_new, rows.shape[1], device=rows.device)
     counts = torch.zeros(rows.shape[0] - first_new, device=rows.device)
-    known_scores = torch.zeros(first_new, device=rows.device)   # summed over each one's clicks
     for start in range(0, len(inputs), chunk):
         batch = (t[start:start + chunk].to(rows.device) for t in (inputs, lengths, targets))
         x, n, y = batch
@@ -96,27 +66,9 @@ def imprint_new_items(model, samples, first_new: int, norm_scale: float = 1.0,
         mask = y >= first_new
         sums.index_add_(0, y[mask] - first_new, out[mask].float())
         counts.index_add_(0, y[mask] - first_new, torch.ones_like(y[mask], dtype=torch.float))
-        if length == "score":
-            known = (y > 0) & (y < first_new)
-            scores = (out[known].float() * rows[y[known]].float()).sum(1)
-            known_scores.index_add_(0, y[known], scores)
     seen = counts > 0
     direction = torch.nn.functional.normalize(sums[seen], dim=1)
-    known_lengths = rows[1:first_new].norm(dim=1).float()
-    if length in ("clicks", "score"):
-        clicks = torch.bincount(targets.flatten().to(rows.device), minlength=rows.shape[0]).float()
-        known_clicks = clicks[1:first_new]
-    if length == "clicks":
-        norm = norm_scale * popularity_matched(known_lengths, known_clicks, counts[seen])[:, None]
-    elif length == "score":
-        clicked = known_clicks > 0               # a known item never clicked has no mean score
-        mean_scores = known_scores[1:first_new][clicked] / known_clicks[clicked]
-        target = popularity_matched(mean_scores, known_clicks[clicked], counts[seen])
-        # At unit length along `direction` the mean score on its contexts is |their mean|.
-        unit_score = (sums[seen] / counts[seen, None]).norm(dim=1)
-        norm = norm_scale * (target.clamp_min(0) / unit_score.clamp_min(1e-12))[:, None]
-    else:
-        norm = norm_scale * known_lengths.mean()
+    norm = norm_scale * rows[1:first_new].norm(dim=1).mean()
     rows[first_new + torch.nonzero(seen).squeeze(1)] = (direction * norm).to(rows.dtype)
     return int(seen.sum())
 
@@ -130,8 +82,7 @@ def fine_tune(model, optimizer, sequences: list[np.ndarray], cfg: FineTuneConfig
     if samples is None:
         return float("nan")
     if first_new is not None:
-        imprint_new_items(model, samples, first_new, cfg.imprint_norm,
-                          length=cfg.imprint_length)
+        imprint_new_items(model, samples, first_new, cfg.imprint_norm)
     inputs, lengths, targets = samples
     model.train()
     losses = []

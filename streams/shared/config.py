@@ -127,23 +127,12 @@ class TrainerConfig:
     # imprinted rows' length, in the known rows' mean lengths (> 0); at 1 the new titles crowd
     # known items out of the top 10s (-0.026 HR@10 against no imprinting, RESULTS 11)
     imprint_norm: float = 0.5
-    # what imprint_norm multiplies: mean, the known rows' mean length (one length for every new
-    # row); clicks, per new title the median length of the 25 known rows clicked about as often
-    # in the round's samples; score, per new title the length at which it scores on its own
-    # contexts what those 25 known rows score on theirs (RESULTS 11c)
-    imprint_length: str = "mean"
     max_items: int = 1_000_000          # vocabulary cap: clicks on further new items are skipped
     device: str = "auto"  # torch device: auto (cuda if available), cpu or cuda[:n]
     threads: int = 0  # torch CPU threads; 0 = torch's default
     seed: int = 0  # random seed of the rounds' sampling
     log_level: str = "info"  # debug, info, warning or error
     metrics_port: int = 9109            # Prometheus /metrics and /health; 0 = off
-
-    def __post_init__(self):
-        from model.config import ConfigError
-        if self.imprint_length not in ("mean", "clicks", "score"):   # model/finetune.py's
-            raise ConfigError(f"imprint_length (--imprint-length, MLSA4REC_IMPRINT_LENGTH) "
-                              f"{self.imprint_length!r}: must be mean, clicks or score")
 
 
 def use_configured_schemas(cfg, environ=None) -> None:

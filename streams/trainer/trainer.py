@@ -122,7 +122,7 @@ class OnlineTrainer:
         max_len = candidate.config.max_len
         loss = fine_tune(candidate, optimizer, sequences,
                          FineTuneConfig(cfg.steps, cfg.batch_size, cfg.lr, max_len,
-                                        cfg.imprint_norm, cfg.imprint_length),
+                                        cfg.imprint_norm),
                          self.rng, self.device,
                          first_new=self.serving.n_known if cfg.imprint_new_items else None)
         examples = self.buffer.holdout_examples()

@@ -24,6 +24,7 @@ class FineTuneConfig:
     lr: float = 1e-4
     max_len: int = 50
     imprint_norm: float = 1.0     # imprinted rows' length, in the known rows' mean lengths
+    young_item_lr_scale: float = 1.0  # the rows of items newer than the offline model: steps x this
 
 
 def training_batches(model, sequences: list[np.ndarray], max_len: int):
@@ -74,16 +75,22 @@ def imprint_new_items(model, samples, first_new: int, norm_scale: float = 1.0,
 
 
 def fine_tune(model, optimizer, sequences: list[np.ndarray], cfg: FineTuneConfig,
-              rng: np.random.Generator, device="cpu", first_new: int | None = None) -> float:
+              rng: np.random.Generator, device="cpu", first_new: int | None = None,
+              first_young: int | None = None) -> float:
     """cfg.steps steps on batches sampled from the sequences' samples; mean loss (nan if none).
     first_new: the items from this id on are new since the model was trained; those the
-    samples have are imprinted first (imprint_new_items)."""
+    samples have are imprinted first (imprint_new_items). first_young: the items from this id
+    on are newer than the offline model; their rows take steps cfg.young_item_lr_scale times
+    as long as the optimiser's (Adam's steps do not grow with the gradient, so a new title's
+    row would otherwise move as little per round as a row trained for many epochs)."""
     samples = training_batches(model, sequences, cfg.max_len)
     if samples is None:
         return float("nan")
     if first_new is not None:
         imprint_new_items(model, samples, first_new, cfg.imprint_norm)
     inputs, lengths, targets = samples
+    rows = model.item_embedding.weight
+    scale_young = first_young is not None and cfg.young_item_lr_scale != 1.0
     model.train()
     losses = []
     for _ in range(cfg.steps):
@@ -91,7 +98,13 @@ def fine_tune(model, optimizer, sequences: list[np.ndarray], cfg: FineTuneConfig
         loss = model.loss(inputs[idx].to(device), lengths[idx].to(device), targets[idx].to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if scale_young:
+            before = rows.detach()[first_young:].clone()
         optimizer.step()
+        if scale_young:
+            with torch.no_grad():
+                rows[first_young:] = before + cfg.young_item_lr_scale * (
+                    rows[first_young:] - before)
         losses.append(loss.item())
     model.eval()
     return float(np.mean(losses))

@@ -280,7 +280,8 @@ def test_small_losses_do_not_add_up_over_rounds(phase_a_model, tmp_path, monkeyp
     """Each round's candidate is a noisy copy of the serving model: within the 10% margin of
     it, but the losses add up. Versions are also judged against the anchor (the version the
     trainer started from), so the served model never falls more than the margin below it."""
-    def add_noise(candidate, optimizer, sequences, cfg, rng, device="cpu", first_new=None):
+    def add_noise(candidate, optimizer, sequences, cfg, rng, device="cpu", first_new=None,
+                  first_young=None):
         g = torch.Generator().manual_seed(int(rng.integers(1 << 30)))
         with torch.no_grad():
             for p in candidate.parameters():
@@ -337,6 +338,36 @@ def test_imprinted_rows_take_the_length_asked_and_a_bad_length_is_refused(phase_
     assert torch.isclose(got, 0.25 * mean, rtol=1e-4)
     with pytest.raises(ValueError, match=r"--imprint-norm 0.0: must be > 0"):
         run_trainer(TrainerConfig(broker="127.0.0.1:1", imprint_norm=0.0))
+
+
+def test_rows_of_titles_newer_than_the_starting_model_take_longer_steps(phase_a_model):
+    """With young_item_lr_scale s, a step moves the rows from first_young on s times as far as
+    the optimiser would, and every other weight exactly as far; a scale <= 0 is refused."""
+    import copy
+
+    from model.finetune import FineTuneConfig, fine_tune
+    from streams.trainer.trainer import run_trainer
+
+    first_young = 40                                        # items 40.. are "new titles"
+    sequences = [np.array([1, 2, 45, 3, 41]), np.array([4, 45, 5, 42, 43])]
+    moved = {}
+    for scale in (1.0, 10.0):
+        model = copy.deepcopy(phase_a_model)
+        start = {k: v.clone() for k, v in model.state_dict().items()}
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        torch.manual_seed(0)                                # the same dropout masks
+        fine_tune(model, optimizer, sequences, FineTuneConfig(steps=1, batch_size=8,
+                                                              young_item_lr_scale=scale),
+                  np.random.default_rng(0), first_young=first_young)
+        moved[scale] = {k: v - start[k] for k, v in model.state_dict().items()}
+    rows = "item_embedding.weight"
+    young_1, young_10 = moved[1.0][rows][first_young:], moved[10.0][rows][first_young:]
+    assert young_1.abs().sum() > 0
+    assert torch.allclose(young_10, 10 * young_1, atol=1e-6)
+    assert torch.equal(moved[10.0][rows][:first_young], moved[1.0][rows][:first_young])
+    assert all(torch.equal(moved[10.0][k], moved[1.0][k]) for k in moved[1.0] if k != rows)
+    with pytest.raises(ValueError, match=r"--young-item-lr-scale 0.0: must be > 0"):
+        run_trainer(TrainerConfig(broker="127.0.0.1:1", young_item_lr_scale=0.0))
 
 
 def test_a_commit_refused_because_the_group_took_the_partitions_does_not_stop_the_trainer():

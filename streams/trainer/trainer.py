@@ -122,9 +122,10 @@ class OnlineTrainer:
         max_len = candidate.config.max_len
         loss = fine_tune(candidate, optimizer, sequences,
                          FineTuneConfig(cfg.steps, cfg.batch_size, cfg.lr, max_len,
-                                        cfg.imprint_norm),
+                                        cfg.imprint_norm, cfg.young_item_lr_scale),
                          self.rng, self.device,
-                         first_new=self.serving.n_known if cfg.imprint_new_items else None)
+                         first_new=self.serving.n_known if cfg.imprint_new_items else None,
+                         first_young=self.anchor.n_known)
         examples = self.buffer.holdout_examples()
         cand_metrics, serving_metrics, anchor_metrics, accept = {}, {}, {}, True
         if len(examples) >= cfg.min_holdout:
@@ -194,6 +195,8 @@ def run_trainer(cfg: TrainerConfig, stop=None) -> None:
         raise ValueError(f"--session-timeout-s {cfg.session_timeout_s}: Kafka takes 6 to 1800 s")
     if not cfg.imprint_norm > 0:
         raise ValueError(f"--imprint-norm {cfg.imprint_norm}: must be > 0")
+    if not cfg.young_item_lr_scale > 0:
+        raise ValueError(f"--young-item-lr-scale {cfg.young_item_lr_scale}: must be > 0")
     from confluent_kafka import Consumer
 
     from model.checkpoint import load_checkpoint

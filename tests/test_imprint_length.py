@@ -18,7 +18,8 @@ def test_imprinting_by_default_gives_a_new_title_half_the_known_rows_length(phas
                                                                            tmp_path):
     published = []
     trainer = make_trainer(phase_a_model, tmp_path, published, steps=TrainerConfig.steps,
-                           lr=TrainerConfig.lr, imprint_new_items=True)
+                           lr=TrainerConfig.lr, imprint_new_items=True,
+                           young_item_lr_scale=1.0)     # the imprint alone: no longer steps
     # Still in the top 10 of the users whose last item is the one it always follows.
     assert new_item_after_five(trainer, published) == [True] * 3
     rows = trainer.serving.item_embedding.weight.detach()
@@ -32,7 +33,8 @@ def test_imprinting_by_default_gives_a_new_title_half_the_known_rows_length(phas
 def test_a_longer_imprint_is_still_asked_for_explicitly(phase_a_model, tmp_path):
     published = []
     trainer = make_trainer(phase_a_model, tmp_path, published, steps=TrainerConfig.steps,
-                           lr=TrainerConfig.lr, imprint_new_items=True, imprint_norm=1.0)
+                           lr=TrainerConfig.lr, imprint_new_items=True, imprint_norm=1.0,
+                           young_item_lr_scale=1.0)
     new_item_after_five(trainer, published)
     rows = trainer.serving.item_embedding.weight.detach()
     known_length = rows[1:len(ITEM_IDS)].norm(dim=1).mean()

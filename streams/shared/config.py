@@ -130,7 +130,7 @@ class TrainerConfig:
     # the rows of items newer than the starting model take steps this many times the learning
     # rate's (> 0). Adam's steps do not grow with the gradient, so at 1 a new title's row moves
     # per round as little as a row trained for many epochs and is never recommended; at 30 new
-    # titles enter top 10s with nothing lost elsewhere (RESULTS 11d; 100 diverged)
+    # titles enter top 10s with nothing lost elsewhere (RESULTS 11d; at 50 new users lose)
     young_item_lr_scale: float = 30.0
     max_items: int = 1_000_000          # vocabulary cap: clicks on further new items are skipped
     device: str = "auto"  # torch device: auto (cuda if available), cpu or cuda[:n]

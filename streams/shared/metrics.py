@@ -58,7 +58,8 @@ class WorkerMetrics:
         self.model_version = Gauge("mlsa4rec_model_version", "1 for the version being served",
                                    ["version"], registry=r)
         self.unknown_items = Counter("mlsa4rec_unknown_items",
-                                     "Clicks on items the serving model does not know (left out of what it reads)",
+                                     "Clicks on items the serving model does not know "
+                                     "(left out of what it reads)",
                                      registry=r)
         self.model_swaps = Counter("mlsa4rec_model_swaps", "Model versions swapped in", registry=r)
         self.model_refused = Counter("mlsa4rec_model_refused", "Announced versions refused",

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import sys
 import tempfile
@@ -44,12 +43,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from model.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from model.checkpoint import load_checkpoint  # noqa: E402
 from model.models.base import OOV  # noqa: E402
 from model.config import parse_fields  # noqa: E402
 from model.metrics import target_ranks  # noqa: E402
-from model.data.protocol import _subset, load_interactions, prepare, until  # noqa: E402
-from model.training import TrainConfig, describe_run, pad_right, train  # noqa: E402
+from model.data.protocol import held_out_titles  # noqa: E402
+from model.training import TrainConfig, pad_right, train_to_checkpoint  # noqa: E402
 from model.vocab import mask_spare_rows  # noqa: E402
 from streams.demo import DemoConfig, warm_start_key  # noqa: E402
 from streams.replay.log_replay import log_events  # noqa: E402
@@ -62,39 +61,21 @@ GROUPS = (NEW_TITLES, NEW_USERS, THE_REST, "all")
 UNKNOWN_RANK = 10 ** 9              # a target the served version does not have
 
 
-def held_out_items(events, cutoff: float, fraction: float, seed: int) -> list[str]:
-    """A random `fraction` of the items clicked after the cut-off that were clicked before it
-    too (those first clicked after it are new titles anyway)."""
-    before = events.timestamps < cutoff
-    candidates = sorted(set(map(str, events.items[~before])) & set(map(str, events.items[before])))
-    rng = np.random.default_rng(seed)
-    chosen = rng.choice(candidates, int(round(fraction * len(candidates))), replace=False)
-    return sorted(map(str, chosen))            # plain str: the checkpoint loads weights-only
-
-
-def warm_start(args, cutoff: float, held_out: list[str]) -> Path:
-    """The demo's warm-start recipe on the log before the cut-off without the held-out items'
-    clicks; cached under args.out, keyed by the split, the recipe and the training code."""
+def warm_start(args, cutoff: float) -> Path:
+    """The demo's warm-start recipe on the log before the cut-off with --new-fraction of the
+    titles held out (`hold_out_titles`); cached under args.out, keyed by the recipe and the
+    training code."""
     demo = DemoConfig()
     recipe = TrainConfig(dataset=args.dataset, model=args.model, before=str(cutoff),
                          epochs=args.warm_epochs, patience=demo.warm_patience, lr=demo.warm_lr,
-                         threads=args.threads, progress=False)
-    key = hashlib.sha256(json.dumps([warm_start_key(recipe), held_out]).encode()).hexdigest()[:12]
-    path = Path(args.out) / f"warm-{args.dataset}-{args.model}-new{args.new_fraction:g}-{key}.pt"
+                         threads=args.threads, progress=False, hold_out_titles=args.new_fraction)
+    path = Path(args.out) / (f"warm-{args.dataset}-{args.model}-new{args.new_fraction:g}-"
+                             f"{warm_start_key(recipe)}.pt")
     if path.exists():
         print(f"warm start: reusing {path}")
         return path
-    inter = until(load_interactions(args.dataset), cutoff)
-    inter = _subset(inter, ~np.isin(inter.items.astype(str), held_out))
-    data = prepare(inter, recipe.k_core, recipe.k_core)
-    from model.models import build_model
-
-    torch.manual_seed(recipe.seed)
-    model = build_model(recipe.model, data.n_items, {"max_len": recipe.max_len})
-    result = train(model, data, recipe, log=lambda line: print("  " + line, flush=True))
-    run = {**describe_run(recipe, result), "held_out_items": held_out}
-    save_checkpoint(path, result.model, data.item_ids, run)
-    path.with_suffix(".json").write_text(json.dumps(run, indent=2))
+    train_to_checkpoint(dataclasses.replace(recipe, checkpoint=str(path)),
+                        log=lambda line: print("  " + line, flush=True))
     return path
 
 
@@ -261,7 +242,6 @@ def main() -> None:
     parser.add_argument("--new-fraction", type=float, default=0.15,
                         help="fraction of the items clicked after the cut-off held out of the "
                              "warm start (default 0.15)")
-    parser.add_argument("--split-seed", type=int, default=0, help="which items (default 0)")
     parser.add_argument("--checkpoint", default="",
                         help="use this warm start instead of training one (e.g. the demo's, "
                              "with --new-fraction 0)")
@@ -300,8 +280,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     events = log_events(args.dataset)
     cutoff = float(events.timestamps[int(args.cutoff * (len(events.rows) - 1))])
-    held_out = held_out_items(events, cutoff, args.new_fraction, args.split_seed)
-    checkpoint = Path(args.checkpoint) if args.checkpoint else warm_start(args, cutoff, held_out)
+    held_out = held_out_titles(events, cutoff, args.new_fraction)
+    checkpoint = Path(args.checkpoint) if args.checkpoint else warm_start(args, cutoff)
     run = json.loads(checkpoint.with_suffix(".json").read_text())
     print(f"warm start: {len(held_out)} items held out; best epoch {run['best_epoch']} of "
           f"{run['epochs_run']}, valid NDCG@10 {run['valid']['ndcg@10']:.4f}, "

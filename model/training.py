@@ -51,6 +51,10 @@ class TrainConfig:
     checkpoint: str = ""          # where to save; "" = runs/<dataset>-<model>.pt
     init_from: str = ""           # start from this checkpoint's weights (continue a run)
     before: str = ""              # train on the log before this time only (seconds or ISO 8601)
+    # with --before: this share of the titles clicked both before and after it is left out of
+    # training (their events dropped), so that they come after it as titles the model has never
+    # seen (an item cold start: streams/demo.py, bench/new_titles.py); 0 = none
+    hold_out_titles: float = 0.0
     k_core: int = 5               # users and items with fewer events are dropped, iteratively
     min_rating: float = 0.0       # events rated below this are dropped first (0 = keep all)
     # Causal models: train on each user's whole sequence and evaluate on the whole history,

@@ -42,6 +42,10 @@ class DemoConfig:
     warm_epochs: int = 40             # offline warm start: most epochs (first run; cached)
     warm_patience: int = 2            # ... stop after this many epochs without a better valid NDCG@10
     warm_lr: float = 2e-3             # ... Adam learning rate
+    # ... with this share of the titles clicked before and after the cut-off left out of it, so
+    # that the replay has titles only fine-tuning can bring in (an item cold start, judged as
+    # "new titles"; RESULTS 11); 0 = none
+    new_titles: float = 0.0
     fine_tune: bool = True            # run the online trainer
     round_every_s: float = 20.0  # the online trainer's round interval
     out: str = "runs/demo"  # where the demo writes its models, states and report
@@ -132,7 +136,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     cutoff = float(events.timestamps[int(cfg.cutoff * (len(events.rows) - 1))])
     recipe = TrainConfig(dataset=cfg.dataset, model=cfg.model, before=str(cutoff),
                          epochs=cfg.warm_epochs, patience=cfg.warm_patience, lr=cfg.warm_lr,
-                         progress=False)
+                         hold_out_titles=cfg.new_titles, progress=False)
     checkpoint = out / f"warm-{cfg.dataset}-{cfg.model}-{warm_start_key(recipe)}.pt"
     if not checkpoint.exists():
         print(f"== 1. offline warm start: {cfg.model} on {cfg.dataset} before the cut-off, "

@@ -313,3 +313,30 @@ def test_ml100k_real(cache_dir):
     assert data.n_users == 943
     assert data.n_items - 1 == 1_349
     assert data.n_interactions == 99_287
+
+
+def test_held_out_titles_are_left_out_of_a_run_before_the_cut_off(tmp_path):
+    """hold_out_titles: a share of the titles clicked both before and after `before` is left
+    out of the training data; titles clicked only on one side are never chosen; the same
+    share gives the same titles; a bad share, or one without `before`, is refused."""
+    from model.data.protocol import held_out_titles, prepare_for_run
+
+    rows = [("u{}".format(u), f"t{t}", 10 * t + u) for t in range(10) for u in range(4)]
+    rows += [("u9", f"t{t}", 200 + t) for t in range(2, 10)]        # t2-t9 also after 150
+    rows += [("u9", "late", 300)]                                   # only after
+    log = tmp_path / "log.csv"
+    log.write_text("user_id,item_id,timestamp\n" + "".join(f"{u},{i},{t}\n" for u, i, t in rows))
+    log_inter = load_interactions(str(log))
+    chosen = held_out_titles(log_inter, 150, 0.5)
+    # candidates: t2-t9 (t0, t1 only before; "late" only after): half of 8
+    assert len(chosen) == 4 and set(chosen) <= {"t2", "t3", "t4", "t5", "t6", "t7", "t8", "t9"}
+    assert chosen == held_out_titles(log_inter, 150, 0.5)
+    config = {"dataset": str(log), "before": "150", "k_core": 1}
+    full = prepare_for_run(config)
+    held = prepare_for_run({**config, "hold_out_titles": 0.5})
+    assert set(full.item_ids) - set(held.item_ids) == set(chosen)
+    assert full.n_interactions - held.n_interactions == 16         # 4 users x 4 titles
+    for bad in ({**config, "hold_out_titles": 1.0},
+                {"dataset": str(log), "k_core": 1, "hold_out_titles": 0.5}):
+        with pytest.raises(ValueError, match="--hold-out-titles"):
+            prepare_for_run(bad)

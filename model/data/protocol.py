@@ -144,13 +144,32 @@ def prepare(inter: Interactions, min_user_inter: int = 5, min_item_inter: int = 
                         sequences=list(sequences), timestamps=list(stamps))
 
 
+def held_out_titles(inter: Interactions, before: float, share: float, seed: int = 0) -> list[str]:
+    """A random `share` of the items clicked both before and after `before` (numpy's
+    generator seeded `seed`), sorted: titles to keep out of a model trained before it, so that
+    they come after it as titles the model has never seen (an item cold start). Items first
+    clicked after `before` are new titles anyway."""
+    earlier = np.asarray(inter.timestamps, dtype=np.float64) < before
+    candidates = sorted(set(map(str, inter.items[~earlier])) & set(map(str, inter.items[earlier])))
+    chosen = np.random.default_rng(seed).choice(candidates, int(round(share * len(candidates))),
+                                                replace=False)
+    return sorted(map(str, chosen))             # plain str: checkpoints load weights-only
+
+
 def prepare_for_run(train_config: dict) -> SequenceData:
     """The data exactly as a training run saw it, from its (checkpoint's) train config:
-    dataset, `before`, `min_rating` and `k_core` (configs saved before these options existed
-    get the defaults)."""
+    dataset, `before`, `hold_out_titles`, `min_rating` and `k_core` (configs saved before
+    these options existed get the defaults)."""
     inter = load_interactions(train_config["dataset"])
+    share = train_config.get("hold_out_titles", 0.0)
+    if not 0 <= share < 1 or (share and not train_config.get("before")):
+        raise ValueError(f"--hold-out-titles {share}: must be in [0, 1), and needs --before")
     if train_config.get("before"):
-        inter = until(inter, parse_timestamp(train_config["before"]))
+        before = parse_timestamp(train_config["before"])
+        held_out = held_out_titles(inter, before, share) if share else []
+        inter = until(inter, before)
+        if held_out:
+            inter = _subset(inter, ~np.isin(inter.items.astype(str), held_out))
     k = train_config.get("k_core", 5)
     return prepare(inter, k, k, train_config.get("min_rating", 0.0))
 

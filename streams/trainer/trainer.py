@@ -150,7 +150,7 @@ class OnlineTrainer:
             accept = False
         trained_through = (self.recent_timestamps[0]
                            if len(self.recent_timestamps) > cfg.holdout_events else None)
-        published = None
+        published, unconfirmed = None, False
         if accept:
             metrics = {"holdout": cand_metrics, "serving_holdout": serving_metrics,
                        "anchor_holdout": anchor_metrics, "holdout_events": len(examples),
@@ -158,22 +158,22 @@ class OnlineTrainer:
             try:
                 published = self.publish(candidate, self.item_ids, metrics, self.version,
                                          trained_through)
+                self.serving, self.version = candidate.eval(), published["version"]
             except AnnouncementError as exc:
                 # The broker may be away for a while; losing the trainer over it is worse.
                 log.error("%s: serving version %s kept, the round is tried again in %g s",
                           exc, self.version, cfg.round_every_s)
-                self.last_round = time.monotonic()
-                return RoundResult(None, cand_metrics, serving_metrics, anchor_metrics, loss,
-                                   time.perf_counter() - started, self.new_items_since_round)
-            self.serving, self.version = candidate.eval(), published["version"]
+                unconfirmed = True
         result = RoundResult(published, cand_metrics, serving_metrics, anchor_metrics, loss,
                              time.perf_counter() - started, self.new_items_since_round)
         log.info("round: loss %.4f, holdout ndcg@10 %s vs serving %s, anchor %s (%d events), "
                  "%d new items, %.1fs -> %s", loss, _fmt(cand_metrics), _fmt(serving_metrics),
                  _fmt(anchor_metrics), len(examples),
                  self.new_items_since_round, result.seconds,
-                 published["version"] if published else "refused, serving version kept")
-        self.events_since_round, self.new_items_since_round = 0, 0
+                 published["version"] if published else
+                 "not confirmed, tried again" if unconfirmed else "refused, serving version kept")
+        if not unconfirmed:             # else these clicks bring the next round
+            self.events_since_round, self.new_items_since_round = 0, 0
         self.last_round = time.monotonic()
         self.buffer.flush()
         return result

@@ -416,9 +416,10 @@ class Scorer:
 
     def _advance(self, events: list[Event], records, states, row_of, stats):
         users = [e.user_id for e in events]
-        items = torch.tensor([self.item_index(e.item_id) for e in events], device=self.device)
+        indices = [self.item_index(e.item_id) for e in events]
+        items = torch.tensor(indices, device=self.device)
         unknown = 0
-        for event, index in zip(events, items.tolist()):
+        for event, index in zip(events, indices):
             record = records[event.user_id]
             record.history.append(event.item_id)
             if not self._same_offsets(record):         # the first event of a new topic
@@ -442,7 +443,7 @@ class Scorer:
             else:
                 # An unknown item is left out of what the model reads (`read`): its user's
                 # state stays as it was, and the click is ranked from that state.
-                known = [k for k, index in enumerate(items.tolist()) if index != OOV]
+                known = [k for k, index in enumerate(indices) if index != OOV]
                 if known:
                     self._step_rows(states, [rows[k] for k in known], items[known],
                                     len(row_of))

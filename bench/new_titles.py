@@ -20,6 +20,12 @@ serves the version, not the trainer's newer vocabulary: a title newer than the v
 miss; in a history it is left out as the worker does, or read as OOV with --unknown oov).
 Ties count against the target (new titles' rows still at the known items' mean tie with each
 other: the worker could show at most ten of them).
+
+--states worker judges instead what the worker shows: the clicks go through the worker's own
+`Scorer` in batches, which keeps each user's state across the versions of one lineage (stepped
+by the weights that served each click; streams/worker/scoring.py `swap`), and each click is
+judged against the top 10 sent after the user's previous click, as the stream's evaluator
+does (so ranks past 10 are not known there).
 Judgments are grouped: new titles (the item unknown to the warm start), new users (no click
 before the cut-off), the rest. Differences against "off" are paired (the same clicks) with
 standard errors clustered by user.
@@ -47,18 +53,21 @@ from model.checkpoint import load_checkpoint  # noqa: E402
 from model.models.base import OOV  # noqa: E402
 from model.config import parse_fields  # noqa: E402
 from model.metrics import target_ranks  # noqa: E402
+from model.prequential import clustered_mean_se  # noqa: E402
 from model.data.protocol import held_out_titles  # noqa: E402
 from model.training import TrainConfig, pad_right, train_to_checkpoint  # noqa: E402
 from model.vocab import mask_spare_rows  # noqa: E402
 from streams.demo import DemoConfig, warm_start_key  # noqa: E402
 from streams.replay.log_replay import log_events  # noqa: E402
-from streams.shared.config import TrainerConfig  # noqa: E402
+from streams.shared.config import StreamConfig, TrainerConfig  # noqa: E402
 from streams.trainer.replay_buffer import ReplayBuffer  # noqa: E402
 from streams.trainer.trainer import OnlineTrainer, buffer_config  # noqa: E402
+from streams.worker.scoring import Event, Scorer  # noqa: E402
 
 NEW_TITLES, NEW_USERS, THE_REST = "new titles", "new users", "the rest"
 GROUPS = (NEW_TITLES, NEW_USERS, THE_REST, "all")
 UNKNOWN_RANK = 10 ** 9              # a target the served version does not have
+PAST_TOP = 10 ** 6                  # --states worker: not in the top 10 shown
 
 
 def warm_start(args, cutoff: float) -> Path:
@@ -151,6 +160,48 @@ def rows_at_the_mean(model, first_new: int) -> tuple[int, int]:
     return int((torch.nn.functional.cosine_similarity(rows, mean) > 0.99).sum()), len(rows)
 
 
+class WorkerJudge:
+    """The stream as the worker serves it (--states worker): clicks through the worker's
+    `Scorer` (its defaults: states kept across a lineage's versions), each judged against
+    the top 10 sent after the same user's previous click."""
+
+    def __init__(self, model, item_ids: list[str], batch: int):
+        defaults = StreamConfig()
+        self.scorer = Scorer(model, item_ids, "v1", top_k=defaults.top_k,
+                             exclude_seen=defaults.exclude_seen,
+                             rebuild_states=defaults.rebuild_states,
+                             keep_states_for_versions=defaults.keep_states_for_versions)
+        self.batch, self.events, self.records, self.sent = batch, [], {}, 0
+        self.shown: dict[str, tuple[list[str], set[str]]] = {}  # user -> (top 10, version's items)
+        self.ranks: list[int] = []
+
+    def add(self, user: str, item: str, timestamp_ms: int) -> None:
+        self.sent += 1                  # a unique event id: the Scorer skips a repeated one
+        self.events.append(Event(user, item, str(self.sent), timestamp_ms))
+        if len(self.events) >= self.batch:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.events:
+            return
+        users = {e.user_id for e in self.events}
+        written, recommendations, _ = self.scorer.process(
+            self.events, {u: self.records.get(u) for u in users})
+        self.records.update(written)
+        known = set(self.scorer.index)
+        for event, shown in zip(self.events, recommendations):
+            if event.user_id in self.shown:           # judged as its previous click's answer
+                top, items = self.shown[event.user_id]
+                self.ranks.append(top.index(event.item_id) if event.item_id in top
+                                  else PAST_TOP if event.item_id in items else UNKNOWN_RANK)
+            self.shown[event.user_id] = ([i["item_id"] for i in shown["items"]], known)
+        self.events = []
+
+    def swap(self, model, item_ids: list[str], version: str, parent: str) -> None:
+        self.flush()                                   # earlier clicks: the older version
+        self.scorer.swap(model, item_ids, version, parent)
+
+
 def parse_variant(text: str) -> dict | None:
     """'off' -> None (no rounds); 'default' -> {}; 'k=v,k=v' -> TrainerConfig fields."""
     if text == "off":
@@ -173,8 +224,13 @@ def run_variant(args, checkpoint: Path, replayed, known_users: set[str], overrid
     cfg = dataclasses.replace(TrainerConfig(), seed=args.seed, **(overrides or {}))
     versions = []
 
+    worker = WorkerJudge(model, payload["item_ids"], args.worker_batch) \
+        if args.states == "worker" else None
+
     def publish(model, item_ids, metrics, parent, trained_through):
         versions.append({"version": f"v{len(versions) + 2}"})
+        if worker:
+            worker.swap(model, item_ids, versions[-1]["version"], parent)
         return versions[-1]
 
     ranks, groups, users, rounds = [], [], [], []
@@ -182,7 +238,9 @@ def run_variant(args, checkpoint: Path, replayed, known_users: set[str], overrid
     history: dict[str, list[int]] = {}
 
     def judge():
-        if pending:
+        if worker:
+            worker.flush()
+        elif pending:
             ranks.append(judged_ranks(trainer.serving, history, pending, args.unknown == "skip"))
         pending.clear()
 
@@ -194,6 +252,8 @@ def run_variant(args, checkpoint: Path, replayed, known_users: set[str], overrid
                                                  replayed.timestamps), 1):
             user, item = str(user), str(item)
             trainer.add(user, item, int(ts * 1000))
+            if worker:
+                worker.add(user, item, int(ts * 1000))
             target = trainer._index_of(item)
             seen = history.setdefault(user, [])
             if seen:
@@ -212,20 +272,8 @@ def run_variant(args, checkpoint: Path, replayed, known_users: set[str], overrid
                                    rows_at_the_mean(trainer.serving, warm_known)))
         judge()
         trainer.buffer.close()
-    return np.concatenate(ranks), np.array(groups), np.array(users), rounds
-
-
-def clustered_mean_se(values: np.ndarray, clusters: np.ndarray) -> tuple[float, float]:
-    """Mean of values and its standard error with the observations clustered (by user)."""
-    n = len(values)
-    if n == 0:
-        return float("nan"), float("nan")
-    mean = values.mean()
-    _, codes = np.unique(clusters, return_inverse=True)
-    sums = np.bincount(codes, weights=values - mean)
-    g = len(sums)
-    se = np.sqrt((sums ** 2).sum() * g / max(g - 1, 1)) / n
-    return float(mean), float(se)
+    ranks = np.array(worker.ranks) if worker else np.concatenate(ranks)
+    return ranks, np.array(groups), np.array(users), rounds
 
 
 def groups_of(results: dict) -> np.ndarray:
@@ -266,6 +314,13 @@ def main() -> None:
                              "out of what it reads (skip, as the worker does) or read as OOV, "
                              "the items' mean (oov, as the worker did before RESULTS 11b) "
                              "(default skip)")
+    parser.add_argument("--states", choices=["recomputed", "worker"], default="recomputed",
+                        help="judge each click by the served version over the user's whole "
+                             "history (recomputed), or by what the worker's Scorer sent after "
+                             "the user's previous click, its states kept across versions "
+                             "(worker) (default recomputed)")
+    parser.add_argument("--worker-batch", type=int, default=64,
+                        help="--states worker: clicks per Scorer batch (default 64)")
     parser.add_argument("--base", default="",
                         help="the variant the others are compared with (default: the first)")
     parser.add_argument("--report", nargs="*", default=[],
@@ -348,8 +403,10 @@ def report(ranks: dict[str, np.ndarray], groups: np.ndarray, users: np.ndarray,
     for text, variant_ranks in ranks.items():
         new = variant_ranks[groups == NEW_TITLES]
         inside = new[new < UNKNOWN_RANK]
+        median = np.median(inside) if len(inside) else 0
         print(f"{text}: {len(inside)} of {len(new)} in the version"
-              + (f", HR@10 {np.mean(inside < 10):.4f}, median rank {np.median(inside):.0f}"
+              + (f", HR@10 {np.mean(inside < 10):.4f}, median rank "
+                 + (f"{median:.0f}" if median < PAST_TOP else "past the top 10 shown")
                  if len(inside) else ""))
 
 

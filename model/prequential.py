@@ -64,3 +64,18 @@ def metrics_at(ranks: np.ndarray, cutoffs=(5, 10, 20)) -> dict[str, float]:
         out[f"ndcg@{k}"] = float((hit / np.log2(safe + 1)).mean()) if len(ranks) else 0.0
         out[f"mrr@{k}"] = float((hit / safe).mean()) if len(ranks) else 0.0
     return out
+
+
+def clustered_mean_se(values: np.ndarray, clusters: np.ndarray) -> tuple[float, float]:
+    """Mean of values and its standard error with the observations clustered (by user): one
+    user's judgments are not independent of each other, so they count as one sample."""
+    values = np.asarray(values, dtype=np.float64)
+    n = len(values)
+    if n == 0:
+        return float("nan"), float("nan")
+    mean = values.mean()
+    _, codes = np.unique(clusters, return_inverse=True)
+    sums = np.bincount(codes, weights=values - mean)
+    g = len(sums)
+    se = np.sqrt((sums ** 2).sum() * g / max(g - 1, 1)) / n
+    return float(mean), float(se)

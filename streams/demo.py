@@ -48,6 +48,12 @@ class DemoConfig:
     new_titles: float = 0.0
     fine_tune: bool = True            # run the online trainer
     round_every_s: float = 20.0  # the online trainer's round interval
+    # With the trainer on, the replay sends each further this many clicks only once the trainer
+    # has finished a round per as many clicks before them (it stays at most one round behind):
+    # time-scaled 36,000x, the log would pass in 2-3 rounds, too few for fine-tuning to bring
+    # new titles in (RESULTS 11e); a real trainer runs a round per minutes, not per days of
+    # log. 0 = never wait (the log's time scale only)
+    clicks_per_round: int = 2000
     out: str = "runs/demo"  # where the demo writes its models, states and report
     threads: int = 1                  # torch threads per process (worker, trainer)
     batch_max: int = 256  # the worker's largest batch
@@ -94,28 +100,54 @@ def groups(known_items: set[str], known_users: set[str]):
     return group_of
 
 
-def offline_prequential(model, payload: dict, events, group_of) -> dict | None:
+def offline_prequential(model, payload: dict, events, group_of):
     """What the stream gives without fine-tuning: the starting model (and its checkpoint's
-    payload) over the same events (steppable models; None for a window model), overall and by
-    group."""
+    payload) over the same events, overall and by group, and each user's ranks (ranks[user][t]:
+    of its click t + 1 after its first t + 1; 0 = not in the top 10) to pair the stream's
+    judgments with. (None, None) for a window model."""
     from model.prequential import metrics_at, next_item_ranks
 
     if not model.steppable:
-        return None              # a window model's offline ranks are not computed here
+        return None, None        # a window model's offline ranks are not computed here
     index = {raw: i for i, raw in enumerate(payload["item_ids"])}
     sequences: dict[str, list[str]] = {}
     for user, item in zip(events.users, events.items):
         sequences.setdefault(str(user), []).append(str(item))
     ranks = next_item_ranks(model, [np.array([index.get(i, -1) for i in s])
                                     for s in sequences.values()])
+    for user_ranks in ranks:
+        user_ranks[user_ranks > 10] = 0         # the stream answers with a top 10
     judged_groups = np.array([group_of(user, item) for user, items in sequences.items()
                               for item in items[1:]])
-    ranks = np.concatenate(ranks)
-    ranks[ranks > 10] = 0                       # the stream answers with a top 10
-    return {**metrics_at(ranks, (5, 10)), "by_group": {
-        g: {"judged": int((judged_groups == g).sum()), **metrics_at(ranks[judged_groups == g],
+    flat = np.concatenate(ranks)
+    return {**metrics_at(flat, (5, 10)), "by_group": {
+        g: {"judged": int((judged_groups == g).sum()), **metrics_at(flat[judged_groups == g],
                                                                      (5, 10))}
-        for g in (NEW_TITLES, NEW_USERS, THE_REST) if (judged_groups == g).any()}}
+        for g in (NEW_TITLES, NEW_USERS, THE_REST) if (judged_groups == g).any()}}, \
+        dict(zip(sequences, ranks))
+
+
+def stream_minus_offline(judged, offline_ranks: dict) -> dict:
+    """{"all" and each group: {"hr@10" and "ndcg@10": [mean, standard error]}} of the stream's
+    figure minus the starting model's, paired on the same clicks (the stream's judgment of a
+    user's click n + 1 against the offline rank of it), errors clustered by user."""
+    from model.prequential import clustered_mean_se
+
+    stream = np.array([j.rank for j in judged], dtype=np.float64)
+    offline = np.array([offline_ranks[j.user][j.n - 1] for j in judged], dtype=np.float64)
+    users, groups_ = np.array([j.user for j in judged]), np.array([j.group for j in judged])
+
+    def gains(ranks):
+        hit = (ranks >= 1) & (ranks <= 10)
+        return {"hr@10": hit.astype(float), "ndcg@10": hit / np.log2(np.where(hit, ranks, 1) + 1)}
+
+    s, o = gains(stream), gains(offline)
+    out = {}
+    for group in ["all", *dict.fromkeys(g for g in groups_ if g)]:
+        mask = np.ones(len(judged), bool) if group == "all" else groups_ == group
+        out[group] = {m: list(clustered_mean_se(s[m][mask] - o[m][mask], users[mask]))
+                      for m in s}
+    return out
 
 
 def run_demo(cfg: DemoConfig) -> dict:
@@ -154,7 +186,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     start_model, payload = load_checkpoint(checkpoint)
     group_of = groups(set(payload["item_ids"][1:]),          # [0] is the padding item
                       {str(u) for u in events.users[before]})
-    offline = offline_prequential(start_model, payload, replayed, group_of)
+    offline, offline_ranks = offline_prequential(start_model, payload, replayed, group_of)
 
     run_id = uuid.uuid4().hex[:8]
     env = dict(os.environ, PYTHONPATH=str(REPO), MLSA4REC_THREADS=str(cfg.threads))
@@ -165,7 +197,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         print(f"== 2. broker {broker}; starting the scorer"
               + (" and the trainer" if cfg.fine_tune else ""), flush=True)
         common = ["--broker", broker, "--model-store", str(out / f"models-{run_id}")]
-        port = free_ports(1)[0]
+        port, trainer_port = free_ports(2)
         worker = _start(["worker", *common, "--checkpoint", str(checkpoint),
                          "--data-dir", str(out / f"worker-{run_id}"), "--metrics-port", str(port),
                          "--batch-max", str(cfg.batch_max), "--log-level", "warning"],
@@ -174,10 +206,15 @@ def run_demo(cfg: DemoConfig) -> dict:
         if cfg.fine_tune:
             # The trainer's rounds are minutes of full-core work on a small machine; niced, they
             # take what the worker leaves, and recommendations keep their latency.
+            rounds = (["--round-every-events", str(cfg.clicks_per_round)]
+                      if cfg.clicks_per_round else [])
             processes.append(_start(["trainer", *common, "--checkpoint", str(checkpoint),
                                      "--buffer-dir", str(out / f"buffer-{run_id}"),
-                                     "--round-every-s", str(cfg.round_every_s)],
+                                     "--round-every-s", str(cfg.round_every_s), *rounds,
+                                     "--metrics-port", str(trainer_port)],
                                     out / "trainer.log", env, nice=cfg.trainer_nice))
+        pace = RoundPacing(processes[-1], trainer_port, cfg.clicks_per_round) \
+            if cfg.fine_tune and cfg.clicks_per_round else None
         try:
             # The clicks' latency is the worker's, not its start-up's: replay once it is ready.
             print(f"   the scorer is ready after {_wait_ready(worker, port):.1f} s "
@@ -189,11 +226,12 @@ def run_demo(cfg: DemoConfig) -> dict:
             sender = threading.Thread(target=replay, args=(cfg.dataset, ReplayConfig(
                 broker=broker, start=str(cutoff), progress=False, speed=speed,
                 max_rate=cfg.replay_max_rate,
-                progress_file=str(out / f"replay-{run_id}.json"))))
+                progress_file=str(out / f"replay-{run_id}.json")), pace))
             sender.start()
             result = run_evaluate_stream(
                 broker, "interactions", "recommendations", out / "report",
-                idle_timeout_s=120, expect_recommendations=len(replayed.rows), group_of=group_of,
+                idle_timeout_s=120 + (pace.timeout_s if pace else 0),
+                expect_recommendations=len(replayed.rows), group_of=group_of,
                 log=lambda line: print("   live:", line, flush=True))
             sender.join()
         finally:
@@ -204,6 +242,8 @@ def run_demo(cfg: DemoConfig) -> dict:
                     process.wait(30)
                 except subprocess.TimeoutExpired:
                     process.kill()
+    if offline:
+        offline["stream_minus_offline"] = stream_minus_offline(result["judged"], offline_ranks)
     page = write_report(result, out / "report", offline=offline,
                         offline_label="offline: starting model, no fine-tuning",
                         title=f"{cfg.model} on {cfg.dataset}: replay of the last "
@@ -213,24 +253,73 @@ def run_demo(cfg: DemoConfig) -> dict:
     print("== 4. final numbers")
     print(f"   stream : HR@10 {summary['metrics']['hr@10']:.4f}  NDCG@10 "
           f"{summary['metrics']['ndcg@10']:.4f}  ({summary['judged']} judged)")
+    paired = (offline or {}).get("stream_minus_offline", {})
+
+    def gain(group: str) -> str:
+        if group not in paired:
+            return ""
+        (hr, hr_se), (ndcg, ndcg_se) = paired[group]["hr@10"], paired[group]["ndcg@10"]
+        return f"; stream - offline HR@10 {hr:+.4f} (SE {hr_se:.4f}), NDCG@10 {ndcg:+.4f} " \
+               f"(SE {ndcg_se:.4f})"
+
     if offline:
         print(f"   offline: HR@10 {offline['hr@10']:.4f}  NDCG@10 {offline['ndcg@10']:.4f}  "
-              "(starting model, no fine-tuning)")
+              "(starting model, no fine-tuning)" + gain("all"))
     else:
         print(f"   offline: not computed for {cfg.model}, a window model")
     for group, stats in summary["by_group"].items():
         frozen = (offline or {}).get("by_group", {}).get(group)
         print(f"   {group:>10}: {stats['judged']:6d} judged, stream HR@10 {stats['hr@10']:.4f}"
-              + (f", offline {frozen['hr@10']:.4f}" if frozen else ""))
+              + (f", offline {frozen['hr@10']:.4f}" if frozen else "") + gain(group))
+    if paired:
+        print("   (differences paired on the same clicks; standard errors clustered by user)")
     print(f"   latency ms: {json.dumps({k: round(v) for k, v in summary['latency_ms'].items()})}, "
           f"{summary['throughput_per_s']:.0f} recommendations/s, "
           f"{len(summary['by_version'])} model versions served")
+    if pace:
+        print(f"   the replay waited {pace.waited_s:.0f} s in all for the trainer's rounds "
+              f"(one per {cfg.clicks_per_round} clicks)")
     print("   depends on the machine: latency, throughput, and the stream's HR/NDCG once a "
           "fine-tuned version serves (which versions serve when); not: the warm start's and "
           "the offline figures, and the stream's while the starting model serves (equal to "
           "the offline ones)")
     print(f"   report: {page}")
     return {"summary": summary, "offline": offline, "report": str(page)}
+
+
+class RoundPacing:
+    """The replay's before_send: before each further `every` clicks, wait until the trainer
+    (its /metrics on `port`) has finished one round per `every` clicks sent before the last
+    `every`, so it runs at most a round behind the stream. A trainer that has exited, or one
+    round that takes longer than timeout_s, no longer holds the replay up."""
+
+    def __init__(self, process: subprocess.Popen, port: int, every: int,
+                 timeout_s: float = 240.0):
+        self.process, self.port, self.every, self.timeout_s = process, port, every, timeout_s
+        self.waited_s = 0.0
+
+    def __call__(self, sent: int) -> float:
+        needed, started = sent // self.every - 1, time.monotonic()
+        if needed <= 0 or sent % self.every:
+            return 0.0
+        while self.process.poll() is None and time.monotonic() - started < self.timeout_s:
+            if self.rounds_done() >= needed:
+                break
+            time.sleep(0.2)
+        waited = time.monotonic() - started
+        self.waited_s += waited
+        return waited
+
+    def rounds_done(self) -> int:
+        """Rounds the trainer has finished, published or refused (0 while it starts)."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics",
+                                        timeout=5) as reply:
+                text = reply.read().decode()
+        except OSError:
+            return 0
+        return int(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                       if line.startswith("mlsa4rec_trainer_rounds_total")))
 
 
 def _wait_ready(process: subprocess.Popen, port: int, timeout_s: float = 300.0) -> float:

@@ -129,6 +129,40 @@ def test_a_replay_with_max_rate_spreads_the_logs_bursts_out(kafka_bootstrap_serv
     assert len(sent_ms) == 56 and max(sent_ms) - min(sent_ms) >= 55 * 5 - 2
 
 
+def test_a_pause_before_an_event_moves_the_logs_schedule_on_without_a_burst_after_it(
+        kafka_bootstrap_server, tmp_path, monkeypatch):
+    """The demo's replay waits for the trainer's rounds (before_send): the events after a
+    pause keep their spacing, as if the log had paused, instead of going at once to catch up."""
+    import streams.replay.log_replay
+
+    log = write_log(tmp_path / "log.csv")
+    n_events = len(log_events(str(log)).rows)
+
+    def waits_of(pause_at):
+        clock, waits = [0.0], []
+
+        def sleep(seconds):
+            waits.append(round(seconds, 6))
+            clock[0] += seconds
+
+        def before_send(sent):
+            if sent != pause_at:
+                return 0.0
+            clock[0] += 100.0                  # the trainer's round, on the replay's clock
+            return 100.0
+
+        monkeypatch.setattr(streams.replay.log_replay, "time",
+                            SimpleNamespace(sleep=sleep, monotonic=lambda: clock[0]))
+        cfg = ReplayConfig(broker=kafka_bootstrap_server, progress=False, speed=10.0,
+                           interactions_topic=f"paused-{uuid.uuid4().hex[:8]}", partitions=1,
+                           progress_file=str(tmp_path / f"progress-{pause_at}.json"))
+        assert replay(str(log), cfg, before_send) == n_events
+        return waits
+
+    unpaused, paused = waits_of(-1), waits_of(20)
+    assert len(unpaused) > 5 and paused == unpaused     # the same waits between events
+
+
 def test_an_interrupted_replay_records_what_it_sent_and_the_next_run_sends_the_rest_once(
         kafka_bootstrap_server, tmp_path, monkeypatch):
     """Ctrl-C in the middle of a chunk (here while a time-scaled replay waits): what was sent
@@ -194,6 +228,12 @@ def test_stream_evaluation_equals_the_offline_computation_and_the_report_renders
     assert summary["judged"] == len(offline_ranks)
     for metric, value in offline.items():
         assert summary["metrics"][metric] == pytest.approx(value, abs=1e-9), metric
+    # ... and click by click: each judgment names the user and the click it followed, which
+    # the offline side ranks the same (what the demo's paired differences rest on).
+    ranks_of = dict(zip(sequences, ranks))
+    assert [j.rank for j in result["judged"]] == [
+        int(ranks_of[j.user][j.n - 1]) if ranks_of[j.user][j.n - 1] <= 10 else 0
+        for j in result["judged"]]
     assert summary["latency_ms"]["p50"] > 0
 
     page = write_report(result, tmp_path / "report", title="test replay", offline=offline)

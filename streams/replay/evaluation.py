@@ -28,6 +28,8 @@ class Judged:
     rank: int                 # 1-based rank of the next item in the recommendation, 0 = miss
     version: str
     group: str = ""           # group_of(user, next item), when the evaluator has one
+    user: str = ""
+    n: int = 0                # the recommendation followed the user's n-th click (from 1)
 
 
 @dataclass
@@ -87,7 +89,7 @@ class StreamEvaluator:
         rank = items.index(target) + 1 if target in items else 0
         user, n = self._user_of.pop(event_id)
         judged = Judged(produced_at, rank, version,
-                        self.group_of(user, target) if self.group_of else "")
+                        self.group_of(user, target) if self.group_of else "", user, n)
         self.judged.append(judged)
         if n > self.last_judged_of.get(user, (0, None))[0]:     # judgments may finish out of order
             self.last_judged_of[user] = (n, judged)
@@ -220,4 +222,5 @@ def run_evaluate_stream(broker: str, interactions_topic: str, recommendations_to
     out.mkdir(parents=True, exist_ok=True)
     (out / "evaluation.json").write_text(json.dumps(result))
     log(format_live(evaluator))
-    return result
+    # Each judgment, for pairing with an offline computation (not in evaluation.json: big).
+    return {**result, "judged": evaluator.judged}

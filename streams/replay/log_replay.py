@@ -66,8 +66,12 @@ def log_events(source: str, k_core: int = 0, start: str = "") -> LogEvents:
                      timestamps[rows])
 
 
-def replay(source: str, cfg: ReplayConfig) -> int:
-    """Send the log (what is left of it); returns how many events this run sent."""
+def replay(source: str, cfg: ReplayConfig, before_send=None) -> int:
+    """Send the log (what is left of it); returns how many events this run sent.
+
+    before_send(n), if given, is called before this run's n-th event (from 0) and returns the
+    seconds it waited (the demo waits there for the trainer): the log's schedule moves on by
+    that much, so a pause is not followed by a burst of the events it held up."""
     from confluent_kafka import Producer
 
     from schemas.codec import encode_interaction
@@ -109,6 +113,9 @@ def replay(source: str, cfg: ReplayConfig) -> int:
     sent, next_at = 0, 0.0          # next_at: the earliest time the next event may go (max_rate)
     try:
         for index in range(done, len(events.rows)):
+            if before_send is not None:
+                waited = before_send(sent)
+                wall_start, next_at = wall_start + waited, next_at + waited
             due = wall_start + (events.timestamps[index] - log_start) / cfg.speed \
                 if cfg.speed else 0.0
             wait = max(due, next_at) - time.monotonic()

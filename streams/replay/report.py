@@ -103,14 +103,33 @@ def write_report(evaluation: dict, out_dir: str | Path, title: str = "Replay rep
                      summary["by_version"].get(v, {}).get("judged", 0),
                      f"{summary['by_version'].get(v, {}).get('hr@10', 0):.4f}"]
                     for n, (v, at) in enumerate(versions)]
+    # stream minus offline on the same clicks, (mean, SE) per group, when the caller paired them
+    paired = (offline or {}).get("stream_minus_offline", {})
+
+    def difference(group: str, metric: str) -> str:
+        if group not in paired:
+            return "-"
+        mean, se = paired[group][metric]
+        return f"{mean:+.4f} ({se:.4f})"
+
     group_rows = [[g, stats["judged"], f"{stats['hr@10']:.4f}", f"{stats['ndcg@10']:.4f}"]
                   + ([f"{offline['by_group'][g]['hr@10']:.4f}",
                       f"{offline['by_group'][g]['ndcg@10']:.4f}"]
                      if offline and g in offline.get("by_group", {}) else ["-", "-"])
+                  + ([difference(g, "hr@10"), difference(g, "ndcg@10")] if paired else [])
                   for g, stats in summary.get("by_group", {}).items()]
+    if paired and group_rows:
+        group_rows.append(["all", summary["judged"], f"{summary['metrics']['hr@10']:.4f}",
+                           f"{summary['metrics']['ndcg@10']:.4f}", f"{offline['hr@10']:.4f}",
+                           f"{offline['ndcg@10']:.4f}", difference("all", "hr@10"),
+                           difference("all", "ndcg@10")])
     group_header = ["judged by", "judged", "stream HR@10", "stream NDCG@10",
-                    f"{offline_label}: HR@10", "NDCG@10"]
+                    f"{offline_label}: HR@10", "NDCG@10"] + (
+        ["stream - offline HR@10 (SE)", "NDCG@10 (SE)"] if paired else [])
     groups = f"<h2>By group</h2>\n{_table(group_rows, group_header)}" if group_rows else ""
+    if paired and group_rows:
+        groups += ("<p>Differences are paired: the stream's judgment of each click against the "
+                   "offline model's of the same click; standard errors clustered by user.</p>")
     latency = summary.get("latency_ms", {})
     images = "".join(
         f'<figure><img alt="{name}" src="data:image/png;base64,'

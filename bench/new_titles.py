@@ -227,11 +227,23 @@ def run_variant(args, checkpoint: Path, replayed, known_users: set[str], overrid
     worker = WorkerJudge(model, payload["item_ids"], args.worker_batch) \
         if args.states == "worker" else None
 
+    # Published versions waiting to serve (--serve-after): (the click they serve from, model,
+    # its items, version, parent); the trainer's item list grows, so a copy is kept.
+    queued: list[tuple[int, object, list[str], str, str]] = []
+    served = [model]                    # the version judging clicks (--states recomputed)
+
     def publish(model, item_ids, metrics, parent, trained_through):
         versions.append({"version": f"v{len(versions) + 2}"})
-        if worker:
-            worker.swap(model, item_ids, versions[-1]["version"], parent)
+        queued.append((n + args.serve_after, model, list(item_ids), versions[-1]["version"],
+                       parent))
         return versions[-1]
+
+    def serve_next():
+        judge()                         # the clicks before it: the older version
+        _, model, item_ids, version, parent = queued.pop(0)
+        served[0] = model
+        if worker:
+            worker.swap(model, item_ids, version, parent)
 
     ranks, groups, users, rounds = [], [], [], []
     pending: list[tuple[str, int, int]] = []        # (user, position in history, target)
@@ -241,7 +253,7 @@ def run_variant(args, checkpoint: Path, replayed, known_users: set[str], overrid
         if worker:
             worker.flush()
         elif pending:
-            ranks.append(judged_ranks(trainer.serving, history, pending, args.unknown == "skip"))
+            ranks.append(judged_ranks(served[0], history, pending, args.unknown == "skip"))
         pending.clear()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -251,6 +263,8 @@ def run_variant(args, checkpoint: Path, replayed, known_users: set[str], overrid
         for n, (user, item, ts) in enumerate(zip(replayed.users, replayed.items,
                                                  replayed.timestamps), 1):
             user, item = str(user), str(item)
+            while queued and n > queued[0][0]:
+                serve_next()
             trainer.add(user, item, int(ts * 1000))
             if worker:
                 worker.add(user, item, int(ts * 1000))
@@ -319,6 +333,10 @@ def main() -> None:
                              "history (recomputed), or by what the worker's Scorer sent after "
                              "the user's previous click, its states kept across versions "
                              "(worker) (default recomputed)")
+    parser.add_argument("--serve-after", type=int, default=0,
+                        help="a published version serves from this many clicks after its "
+                             "round (the live system's delay: the demo's replay runs up to a "
+                             "round ahead of the trainer) (default 0: at once)")
     parser.add_argument("--worker-batch", type=int, default=64,
                         help="--states worker: clicks per Scorer batch (default 64)")
     parser.add_argument("--base", default="",

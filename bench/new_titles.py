@@ -165,12 +165,12 @@ class WorkerJudge:
     `Scorer` (its defaults: states kept across a lineage's versions), each judged against
     the top 10 sent after the same user's previous click."""
 
-    def __init__(self, model, item_ids: list[str], batch: int):
+    def __init__(self, model, item_ids: list[str], batch: int, keep_states_for_versions: int):
         defaults = StreamConfig()
         self.scorer = Scorer(model, item_ids, "v1", top_k=defaults.top_k,
                              exclude_seen=defaults.exclude_seen,
                              rebuild_states=defaults.rebuild_states,
-                             keep_states_for_versions=defaults.keep_states_for_versions)
+                             keep_states_for_versions=keep_states_for_versions)
         self.batch, self.events, self.records, self.sent = batch, [], {}, 0
         self.shown: dict[str, tuple[list[str], set[str]]] = {}  # user -> (top 10, version's items)
         self.ranks: list[int] = []
@@ -224,7 +224,8 @@ def run_variant(args, checkpoint: Path, replayed, known_users: set[str], overrid
     cfg = dataclasses.replace(TrainerConfig(), seed=args.seed, **(overrides or {}))
     versions = []
 
-    worker = WorkerJudge(model, payload["item_ids"], args.worker_batch) \
+    worker = WorkerJudge(model, payload["item_ids"], args.worker_batch,
+                         args.keep_states_for_versions) \
         if args.states == "worker" else None
 
     # Published versions waiting to serve (--serve-after): (the click they serve from, model,
@@ -337,6 +338,11 @@ def main() -> None:
                         help="a published version serves from this many clicks after its "
                              "round (the live system's delay: the demo's replay runs up to a "
                              "round ahead of the trainer) (default 0: at once)")
+    parser.add_argument("--keep-states-for-versions", type=int,
+                        default=StreamConfig().keep_states_for_versions,
+                        help="--states worker: the worker's option of that name (default: "
+                             "the worker's, %(default)s): a state made by an older version is "
+                             "rebuilt from the user's last 50 items")
     parser.add_argument("--worker-batch", type=int, default=64,
                         help="--states worker: clicks per Scorer batch (default 64)")
     parser.add_argument("--base", default="",

@@ -58,3 +58,30 @@ def test_the_stream_is_compared_with_the_offline_model_click_by_click_errors_by_
     # Paired on the same click: a judgment of a click the offline side has not is an error.
     with pytest.raises(IndexError):
         stream_minus_offline([Judged(0, 1, "v1", "", "b", 2)], offline)
+
+
+def test_the_report_shows_each_groups_paired_difference_and_one_for_all_clicks(tmp_path):
+    from streams.demo import NEW_TITLES, THE_REST, groups
+    from streams.replay.evaluation import StreamEvaluator
+    from streams.replay.report import write_report
+
+    ev = StreamEvaluator(group_of=groups(known_items={"x", "y"}, known_users={"a"}))
+    for user, item, event_id in [("a", "x", "a1"), ("a", "new", "a2"), ("a", "y", "a3")]:
+        ev.on_interaction(user, item, event_id, 1000)
+        ev.on_recommendation({"event_id": event_id, "items": [{"item_id": "y"}],
+                              "model_version": "v1", "produced_at": 1000})
+    # The offline model ranked a's clicks 2 and 3 at 4 and not in its top 10.
+    offline_ranks = {"a": np.array([4, 0])}
+    paired = stream_minus_offline(ev.judged, offline_ranks)
+    assert paired[NEW_TITLES]["hr@10"][0] == -1.0 and paired[THE_REST]["hr@10"][0] == 1.0
+    offline = {"hr@10": 0.5, "ndcg@10": 0.2, "stream_minus_offline": paired,
+               "by_group": {g: {"hr@10": 0.5, "ndcg@10": 0.2} for g in (NEW_TITLES, THE_REST)}}
+    page = write_report({"summary": ev.summary(), "series": ev.series()}, tmp_path,
+                        offline=offline).read_text()
+    assert "stream - offline HR@10 (SE)" in page
+    assert "<td>-1.0000 (0.0000)</td>" in page and "<td>+1.0000 (0.0000)</td>" in page
+    assert "<td>all</td>" in page and "<td>+0.0000 (0.0000)</td>" in page  # one each way
+    # Without the pairing (e.g. evaluate-stream's --offline JSON) the table has no such column.
+    del offline["stream_minus_offline"]
+    assert "stream - offline" not in write_report(
+        {"summary": ev.summary(), "series": ev.series()}, tmp_path, offline=offline).read_text()

@@ -21,14 +21,15 @@ miss; in a history it is left out as the worker does, or read as OOV with --unkn
 Ties count against the target (new titles' rows still at the known items' mean tie with each
 other: the worker could show at most ten of them).
 
+Judgments are grouped: new titles (the item unknown to the warm start), new users (no click
+before the cut-off), the rest. Differences against "off" are paired (the same clicks) with
+standard errors clustered by user.
+
 --states worker judges instead what the worker shows: the clicks go through the worker's own
 `Scorer` in batches, which keeps each user's state across the versions of one lineage (stepped
 by the weights that served each click; streams/worker/scoring.py `swap`), and each click is
 judged against the top 10 sent after the user's previous click, as the stream's evaluator
 does (so ranks past 10 are not known there).
-Judgments are grouped: new titles (the item unknown to the warm start), new users (no click
-before the cut-off), the rest. Differences against "off" are paired (the same clicks) with
-standard errors clustered by user.
 
     /tmp/heavy .venv/bin/python bench/new_titles.py --variants off default \\
         imprint_new_items=true,imprint_norm=0.5
@@ -172,7 +173,7 @@ class WorkerJudge:
                              rebuild_states=defaults.rebuild_states,
                              keep_states_for_versions=keep_states_for_versions)
         self.batch, self.events, self.records, self.sent = batch, [], {}, 0
-        self.shown: dict[str, tuple[list[str], set[str]]] = {}  # user -> (top 10, version's items)
+        self.shown: dict[str, tuple[list[str], dict]] = {}  # user -> (top 10, version's items)
         self.ranks: list[int] = []
 
     def add(self, user: str, item: str, timestamp_ms: int) -> None:
@@ -188,7 +189,7 @@ class WorkerJudge:
         written, recommendations, _ = self.scorer.process(
             self.events, {u: self.records.get(u) for u in users})
         self.records.update(written)
-        known = set(self.scorer.index)
+        known = self.scorer.index             # this version's items (a swap makes a new one)
         for event, shown in zip(self.events, recommendations):
             if event.user_id in self.shown:           # judged as its previous click's answer
                 top, items = self.shown[event.user_id]
@@ -231,7 +232,7 @@ def run_variant(args, checkpoint: Path, replayed, known_users: set[str], overrid
     # Published versions waiting to serve (--serve-after): (the click they serve from, model,
     # its items, version, parent); the trainer's item list grows, so a copy is kept.
     queued: list[tuple[int, object, list[str], str, str]] = []
-    served = [model]                    # the version judging clicks (--states recomputed)
+    served = model                      # the version judging clicks (--states recomputed)
 
     def publish(model, item_ids, metrics, parent, trained_through):
         versions.append({"version": f"v{len(versions) + 2}"})
@@ -240,9 +241,10 @@ def run_variant(args, checkpoint: Path, replayed, known_users: set[str], overrid
         return versions[-1]
 
     def serve_next():
+        nonlocal served
         judge()                         # the clicks before it: the older version
         _, model, item_ids, version, parent = queued.pop(0)
-        served[0] = model
+        served = model
         if worker:
             worker.swap(model, item_ids, version, parent)
 
@@ -254,7 +256,7 @@ def run_variant(args, checkpoint: Path, replayed, known_users: set[str], overrid
         if worker:
             worker.flush()
         elif pending:
-            ranks.append(judged_ranks(served[0], history, pending, args.unknown == "skip"))
+            ranks.append(judged_ranks(served, history, pending, args.unknown == "skip"))
         pending.clear()
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -53,16 +53,22 @@ def next_item_ranks(model, sequences: list[np.ndarray], batch_size: int = 32,
     return out
 
 
+def gains_at(ranks: np.ndarray, k: int) -> dict[str, np.ndarray]:
+    """Each judgment's HR / NDCG / MRR at k from 1-based ranks (0 = miss): arrays to average,
+    or to pair with another model's on the same clicks."""
+    ranks = np.asarray(ranks, dtype=np.float64)
+    hit = (ranks >= 1) & (ranks <= k)
+    safe = np.where(hit, ranks, 1.0)
+    return {f"hr@{k}": hit.astype(np.float64), f"ndcg@{k}": hit / np.log2(safe + 1),
+            f"mrr@{k}": hit / safe}
+
+
 def metrics_at(ranks: np.ndarray, cutoffs=(5, 10, 20)) -> dict[str, float]:
     """HR / NDCG / MRR from 1-based ranks (0 = miss)."""
-    ranks = np.asarray(ranks, dtype=np.float64)
     out = {}
     for k in cutoffs:
-        hit = (ranks >= 1) & (ranks <= k)
-        safe = np.where(hit, ranks, 1.0)
-        out[f"hr@{k}"] = float(hit.mean()) if len(ranks) else 0.0
-        out[f"ndcg@{k}"] = float((hit / np.log2(safe + 1)).mean()) if len(ranks) else 0.0
-        out[f"mrr@{k}"] = float((hit / safe).mean()) if len(ranks) else 0.0
+        for name, values in gains_at(ranks, k).items():
+            out[name] = float(values.mean()) if len(values) else 0.0
     return out
 
 

@@ -134,22 +134,17 @@ def stream_minus_offline(judged, offline_ranks: dict) -> dict:
     """{"all" and each group: {"hr@10" and "ndcg@10": [mean, standard error]}} of the stream's
     figure minus the starting model's, paired on the same clicks (the stream's judgment of a
     user's click n + 1 against the offline rank of it), errors clustered by user."""
-    from model.prequential import clustered_mean_se
+    from model.prequential import clustered_mean_se, gains_at
 
-    stream = np.array([j.rank for j in judged], dtype=np.float64)
-    offline = np.array([offline_ranks[j.user][j.n - 1] for j in judged], dtype=np.float64)
+    stream = gains_at([j.rank for j in judged], 10)
+    offline = gains_at([offline_ranks[j.user][j.n - 1] for j in judged], 10)
     users, groups_ = np.array([j.user for j in judged]), np.array([j.group for j in judged])
-
-    def gains(ranks):
-        hit = (ranks >= 1) & (ranks <= 10)
-        return {"hr@10": hit.astype(float), "ndcg@10": hit / np.log2(np.where(hit, ranks, 1) + 1)}
-
-    s, o = gains(stream), gains(offline)
     out = {}
     for group in ["all", *dict.fromkeys(g for g in groups_ if g)]:
         mask = np.ones(len(judged), bool) if group == "all" else groups_ == group
-        out[group] = {m: list(clustered_mean_se(s[m][mask] - o[m][mask], users[mask]))
-                      for m in s}
+        out[group] = {m: list(clustered_mean_se(stream[m][mask] - offline[m][mask],
+                                                users[mask]))
+                      for m in ("hr@10", "ndcg@10")}
     return out
 
 
@@ -317,14 +312,17 @@ class RoundPacing:
 
     def rounds_done(self) -> int:
         """Rounds the trainer has finished, published or refused (0 while it starts)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics",
                                         timeout=5) as reply:
                 text = reply.read().decode()
         except OSError:
             return 0
-        return int(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
-                       if line.startswith("mlsa4rec_trainer_rounds_total")))
+        return int(sum(sample.value for family in text_string_to_metric_families(text)
+                       for sample in family.samples
+                       if sample.name == "mlsa4rec_trainer_rounds_total"))
 
 
 def _wait_ready(process: subprocess.Popen, port: int, timeout_s: float = 300.0) -> float:

@@ -38,11 +38,16 @@ log = logging.getLogger(__name__)
 # come back, which the buffer skips as already added. Not a reason to stop training.
 _MEMBERSHIP_LOST = ("_ASSIGNMENT_LOST", "REBALANCE_IN_PROGRESS", "ILLEGAL_GENERATION",
                     "UNKNOWN_MEMBER_ID")
+# Commit errors that mean "not now": the group's coordinator is not reachable yet (a broker
+# that has just restarted). The offsets stay uncommitted and the next commit takes them.
+_NOT_NOW = ("_WAIT_COORD", "COORDINATOR_NOT_AVAILABLE", "NOT_COORDINATOR",
+            "COORDINATOR_LOAD_IN_PROGRESS", "_TRANSPORT", "_TIMED_OUT", "REQUEST_TIMED_OUT")
 
 
 def commit(consumer) -> bool:
     """Commit the consumed offsets; False (logged) if the group took the partitions away
-    meanwhile; True if there is nothing to commit. Any other error is raised."""
+    meanwhile or cannot take the commit now (tried again at the next commit, as the error's
+    own retriable flag asks); True if there is nothing to commit. Any other error is raised."""
     from confluent_kafka import KafkaException
     try:
         consumer.commit(asynchronous=False)
@@ -54,6 +59,10 @@ def commit(consumer) -> bool:
             # and nothing was consumed from them since: nothing to commit. This once ended
             # the trainer after a broker restart (the CI run that failed).
             return True
+        if error.name() in _NOT_NOW or error.retriable():
+            log.warning("trainer: commit not taken now (%s); tried again at the next commit",
+                        error.str())
+            return False
         if error.name() not in _MEMBERSHIP_LOST:
             raise
         log.warning("trainer: commit refused (%s): the partitions were taken away; their "

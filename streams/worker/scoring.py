@@ -267,13 +267,21 @@ class Scorer:
 
     def plan(self, events: list[Event], records, stats) -> tuple[list[list[Event]], list[str]]:
         """Rounds (round r = each user's r-th new event) and the users they touch; events
-        already applied (replays, duplicates) are counted and left out."""
+        already applied (replays, duplicates) are counted and left out. "Applied" includes
+        the events planned before in this batch: a message fetched twice (before and after a
+        recovery's seek) can sit twice in one batch, and its second copy must not be stepped
+        over the first (the record says nothing of either until the batch is applied)."""
         rounds: list[list[Event]] = []
         depth: dict[str, int] = {}
+        planned: dict[str, Event] = {}          # the user's last event planned in this batch
         for event in events:
-            if self._already_applied(records[event.user_id], event):
+            record = records[event.user_id]
+            before = planned.get(event.user_id)
+            if self._already_applied(record, event) or (
+                    before is not None and self._replays(before, event)):
                 stats.duplicates += 1
                 continue
+            planned[event.user_id] = event
             r = depth.get(event.user_id, 0)
             depth[event.user_id] = r + 1
             if r == len(rounds):
@@ -285,6 +293,15 @@ class Scorer:
         if event.event_id and event.event_id == record.last_event_id:
             return True
         return self._same_offsets(record) and 0 <= event.offset <= record.last_offset
+
+    def _replays(self, before: Event, event: Event) -> bool:
+        """`event` is one the batch has already planned for its user (`before` is the last
+        of them): the same event id, or an offset not past it in the same partition. A user's
+        clicks all come from one partition (keyed by user), so a lower offset there is a
+        copy read again, as in _already_applied."""
+        if event.event_id and event.event_id == before.event_id:
+            return True
+        return (event.partition == before.partition and 0 <= event.offset <= before.offset)
 
     def _same_offsets(self, record: UserRecord) -> bool:
         return not (record.offsets_of and self.offsets_of) or record.offsets_of == self.offsets_of

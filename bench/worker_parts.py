@@ -4,7 +4,9 @@
   Python thread beside it (as the worker's event loop is): the GIL hand-overs between eager
   tensor ops;
 - decoding a click: the hand-written Avro reader against fastavro (schemas/codec.py);
-- encoding a batch of recommendations: RecommendationWriter against dicts + fastavro.
+- encoding a batch of recommendations: RecommendationWriter against dicts + fastavro;
+- handing a fetched message to the agent's channel: Faust's conductor handler against the
+  worker's (streams/worker/conductor.py), on the event loop, without a broker.
 
     .venv/bin/python bench/worker_parts.py [--model mlsa4rec-s] [--batch 256]
 
@@ -125,6 +127,39 @@ def encode_ms(batch: int) -> tuple[float, float]:
     return per_call_ms(with_writer), per_call_ms(with_dicts)
 
 
+def conductor_us(n: int = 20000) -> tuple[float, float]:
+    """us per message through the conductor's handler for one partition into the agent's
+    channel (then taken out, as the agent's reader does): Faust's, and the worker's."""
+    import asyncio
+
+    import faust
+    from faust.transport import conductor as faust_conductor
+    from faust.types.tuples import TP, ConsumerMessage
+
+    from streams.worker.consumer import Transport
+
+    async def run(faust_handler: bool) -> float:
+        app = faust.App("worker-parts", broker="kafka://127.0.0.1:1")
+        app.transport = Transport(app.conf.broker_consumer, app)
+        app.flow_control.resume()
+        channel = app.topic("clicks", key_type=bytes, value_type=bytes, key_serializer="raw",
+                            value_serializer="raw").clone(is_iterator=True)
+        tp = TP("clicks", 0)
+        build = faust_conductor.Conductor._build_handler if faust_handler \
+            else type(app.topics)._build_handler
+        handler = build(app.topics, tp, {channel})
+        messages = [ConsumerMessage("clicks", 0, i, 0.0, 0, [], b"user-%d" % i, b"\x02click",
+                                    None) for i in range(n)]
+        queue = channel.queue
+        start = time.perf_counter()
+        for message in messages:
+            await handler(message)
+            queue.get_nowait()
+        return 1e6 * (time.perf_counter() - start) / n
+
+    return asyncio.run(run(True)), asyncio.run(run(False))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -142,6 +177,9 @@ def main():
     writer, dicts = encode_ms(args.batch)
     print(f"encode {args.batch} recommendations of 10 items: RecommendationWriter {writer:.2f} ms, "
           f"dicts + fastavro {dicts:.2f} ms ({dicts / writer:.1f}x)")
+    theirs, ours = conductor_us()
+    print(f"a fetched message into the agent's channel: Faust's handler {theirs:.1f} us, the "
+          f"worker's {ours:.1f} us ({theirs / ours:.1f}x)")
 
 
 if __name__ == "__main__":

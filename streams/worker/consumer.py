@@ -1,6 +1,7 @@
-"""Faust's aiokafka transport with two changes: a seek "to the committed offsets" also seeks
-an input partition that has none back to its beginning, and the drain loop hands a message to
-the conductor without four asyncio tasks per message.
+"""Faust's aiokafka transport with three changes: a seek "to the committed offsets" also seeks
+an input partition that has none back to its beginning, the drain loop hands a message to
+the conductor without four asyncio tasks per message, and the conductor hands a raw-bytes
+topic's message to its agent without Faust's decoding (streams/worker/conductor.py).
 
 The seek.
 
@@ -37,6 +38,8 @@ from typing import Any, Callable, Coroutine, Iterable, Mapping
 
 from faust.transport import consumer as faust_consumer
 from faust.transport.drivers import aiokafka as faust_aiokafka
+
+from streams.worker.conductor import Conductor
 
 
 async def seek_to_committed_or_beginning(consumer, partitions: Iterable,
@@ -159,3 +162,4 @@ class _Consumer(faust_aiokafka.Consumer):
 class Transport(faust_aiokafka.Transport):
     """Set as `app.transport` before the app starts (create_app)."""
     Consumer = _Consumer
+    Conductor = Conductor       # raw-bytes topics skip Faust's decoding (streams/worker/conductor.py)

@@ -2,23 +2,24 @@
 
 Three parts, so that the model and the event loop work at the same time:
   reader (event loop)  takes the events Faust's conductor has put in the agent's channel
-                       straight from its queue, all that are there at once, into `pending`;
-                       it pauses when that holds two batches, so the channel fills and Faust
-                       stops fetching (back-pressure);
+                       straight from its queue, all that are there at once, decodes them
+                       (while the model thread steps the batch before, which holds no GIL)
+                       into `pending`; it pauses when that holds two batches, so the
+                       channel fills and Faust stops fetching (back-pressure);
   dispatcher           when the model thread is free, hands it everything pending up to
                        `batch_max` (a full batch may also wait in line behind the one being
                        scored): under load batches fill while the model works, and
                        `batch_wait_ms` only bounds how long a quiet stream waits;
-  model thread         decodes (what does not decode goes to the dead letters), swaps in a
-                       new model version if one is ready, reads the users it does not hold
-                       from the table, steps and ranks (streams/worker/scoring.py) on the
-                       state cache (streams/worker/state_cache.py), encodes the
-                       recommendations, and every `flush_every_s` makes a flush: the records
-                       of the users changed since the last one;
+  model thread         swaps in a new model version if one is ready, reads the users it does
+                       not hold from the table, steps and ranks (streams/worker/scoring.py) on
+                       the state cache (streams/worker/state_cache.py), and every
+                       `flush_every_s` makes a flush: the records of the users changed since
+                       the last one; what did not decode goes to the dead letters;
   queries              `answer` (an HTTP thread: streams/worker/queries.py) runs in the
                        model thread too, between batches: a user's top k from its state;
-  finisher (loop)      in batch order: sends the recommendations (confluent-kafka,
-                       streams/worker/producer.py) and waits for their acks; a batch that
+  finisher (loop)      encodes a batch's recommendations as soon as it is scored and sends
+                       them (confluent-kafka, streams/worker/producer.py); in batch order,
+                       sends its dead letters and waits for those acks; a batch that
                        carries a flush hands it to
   writer (loop)        which writes flushes to the table one after another, each before it
                        acks the events held since the previous one; the finisher goes on
@@ -52,8 +53,8 @@ from schemas.codec import DecodeError, RecommendationWriter
 from streams.shared.clicks import checked_click
 from streams.worker.queries import NotReady, PopularItems, Query, partition_of
 from streams.worker.cold_tier import ColdSweep
-from streams.worker.scoring import (NO_SNAPSHOT, USER_REPR, BatchStats, Event, UserRecord,
-                                    snapshot_key)
+from streams.worker.scoring import (NO_SNAPSHOT, USER_REPR, BatchStats, Event, Ranked,
+                                    UserRecord, snapshot_key)
 from streams.worker.state_cache import Flush, StateCache
 
 log = logging.getLogger(__name__)
@@ -67,12 +68,39 @@ def to_event(message_event) -> Event:
                  int(record["timestamp"]), message.partition, message.offset)
 
 
+def click_of(message_event) -> Event | DecodeError:
+    """to_event, with what does not decode returned (it goes to the dead letters)."""
+    try:
+        return to_event(message_event)
+    except DecodeError as exc:
+        return exc
+
+
 @dataclass
 class Scored:
-    recommendations: list[tuple[bytes, bytes]]      # (key, Avro value) in event order
+    ranked: Ranked | None                           # the top k per applied event, in order
+    writer: RecommendationWriter | None             # of the version that ranked them
     dead_letters: list[tuple[object, str]]          # (message event, reason)
     stats: BatchStats
     flush: Flush | None = None
+    _encoded: list[tuple[bytes, bytes]] | None = None
+
+    @property
+    def recommendations(self) -> list[tuple[bytes, bytes]]:
+        """(key, Avro value) in event order. Encoded when first asked for, by the event loop
+        as it sends them: meanwhile the model thread scores the next batch."""
+        if self._encoded is None:
+            ranked = self.ranked
+            if ranked is None or not ranked.events:
+                self._encoded = []
+            else:
+                events = ranked.events
+                values = self.writer.encode_batch(
+                    [e.user_id for e in events], [e.event_id for e in events],
+                    [e.timestamp_ms for e in events], ranked.items.numpy(),
+                    ranked.scores.numpy(), ranked.version, ranked.produced_at)
+                self._encoded = [(e.user_id.encode(), value) for e, value in zip(events, values)]
+        return self._encoded
 
 
 @dataclass
@@ -162,7 +190,8 @@ class ScoringAgent:
                        "unknown_items": 0}
         self.last_report = time.monotonic()
         # Event loop side.
-        self.pending: deque = deque()           # message events taken, not yet in a batch
+        self.pending: deque = deque()           # (message event, click_of it) taken, not
+        #                                         yet in a batch
         self.first_pending_at = 0.0
         self.held: list = []                    # message events waiting for a flush
         self.unscored = 0                       # batches handed to the model thread, not done
@@ -238,7 +267,10 @@ class ScoringAgent:
             self.stall_reported, self.stalled = False, None
             if not self.pending:
                 self.first_pending_at = time.monotonic()
-            self.pending.extend(batch)
+            # Decoded here, on the event loop, while the model thread steps the batch before
+            # (its traced step holds no GIL): not on the model thread's path (RESULTS 4l).
+            self.pending.extend((message_event, click_of(message_event))
+                                for message_event in batch)
             self.wakeup.set()
             while len(self.pending) >= 2 * self.cfg.batch_max:
                 self.room.clear()
@@ -274,7 +306,8 @@ class ScoringAgent:
         return batch, flush
 
     async def submit(self, batch: list, flush: bool) -> Job:
-        """Hand a batch to the model thread and queue it for the finisher (in order)."""
+        """Hand a batch ((message event, click) pairs) to the model thread and queue it for
+        the finisher (in order)."""
         if batch and self.recovery is not None:
             # Faust can hand over events fetched before a rebalance's table recovery and seek
             # have finished; score only on restored states.
@@ -284,9 +317,11 @@ class ScoringAgent:
             self.batches_started += 1
             self.crash_if("after_consume", number)
         self.unscored += 1
+        message_events = [message_event for message_event, _ in batch]
+        clicks = [click for _, click in batch]
         scored = asyncio.get_running_loop().run_in_executor(
-            self.executor, self.score, batch, number, flush)
-        job = Job(batch, scored, number, asyncio.get_running_loop().create_future())
+            self.executor, self.score, message_events, number, flush, clicks)
+        job = Job(message_events, scored, number, asyncio.get_running_loop().create_future())
         scored.add_done_callback(lambda _: self._scored(job))
         await self.jobs.put(job)
         return job
@@ -467,8 +502,10 @@ class ScoringAgent:
                 parent = skipped[3]       # its parent never served: the lineage goes through
             self._next_model = (model, item_ids, version, parent, traced, ann_index)
 
-    def score(self, batch: list, number: int, flush: bool = False) -> Scored:
-        """The model thread's part of batch `number`."""
+    def score(self, batch: list, number: int, flush: bool = False,
+              clicks: list | None = None) -> Scored:
+        """The model thread's part of batch `number` (message events; `clicks`: click_of
+        each, if the event loop has decoded them already)."""
         started = time.perf_counter()
         self.cache.forget_written()
         swap_flush = self._swap_if_asked()
@@ -481,11 +518,11 @@ class ScoringAgent:
                 log.error("a rebalance dropped %d unflushed users' records", lost)
         events, dead = [], []
         last_of_user: dict[str, Event] = {}
-        for message_event in batch:
-            try:
-                event = to_event(message_event)
-            except DecodeError as exc:
-                dead.append((message_event, exc.reason))
+        if clicks is None:
+            clicks = [click_of(message_event) for message_event in batch]
+        for message_event, event in zip(batch, clicks):
+            if isinstance(event, DecodeError):
+                dead.append((message_event, event.reason))
                 continue
             events.append(event)
             last_of_user[event.user_id] = event
@@ -496,7 +533,7 @@ class ScoringAgent:
             time.sleep(1.0)     # as if after scoring: the event loop has gone on meanwhile
             raise RuntimeError(f"injected fault: an exception in scoring batch {number}")
         stats = BatchStats(events=len(events))
-        recommendations = self._score_events(events, last_of_user, stats) if events else []
+        ranked = self._score_events(events, last_of_user, stats) if events else None
         out = None
         if swap_flush is not None or flush or self.cache.needs_flush() or (
                 time.monotonic() - self.flush_made_at >= self.cfg.flush_every_s):
@@ -510,7 +547,7 @@ class ScoringAgent:
             if self.cold is not None and self.cache.pool is not None and not self.rebalancing:
                 self.cache.append(out, self.cold.sweep(self.table, self.cache))
         stats.seconds = time.perf_counter() - started
-        return Scored(recommendations, dead, stats, out)
+        return Scored(ranked, self.writer, dead, stats, out)
 
     def _swap_if_asked(self) -> Flush | None:
         """A model version waiting to be served goes in now. If its states have another
@@ -539,7 +576,7 @@ class ScoringAgent:
 
     @torch.no_grad()
     def _score_events(self, events: list[Event], last_of_user: dict[str, Event],
-                      stats: BatchStats) -> list[tuple[bytes, bytes]]:
+                      stats: BatchStats) -> Ranked:
         scorer, cache = self.scorer, self.cache
         records, entries, missing, stale = {}, {}, [], []
         for user in last_of_user:
@@ -585,11 +622,7 @@ class ScoringAgent:
         states = cache.gather(touched_entries)
         ranked = scorer.advance(events, rounds, touched, records, states, stats)
         cache.scatter(touched_entries, states)
-        values = self.writer.encode_batch(
-            [e.user_id for e in ranked.events], [e.event_id for e in ranked.events],
-            [e.timestamp_ms for e in ranked.events], ranked.items.numpy(), ranked.scores.numpy(),
-            ranked.version, ranked.produced_at)
-        return [(e.user_id.encode(), value) for e, value in zip(ranked.events, values)]
+        return ranked
 
     def _read(self, users: list[str], partitions: dict[str, int], records
               ) -> dict[str, bytes]:

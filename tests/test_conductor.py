@@ -98,3 +98,27 @@ def test_a_full_queue_pauses_the_partition_and_waits_for_room():
         assert taken == [0, 1, 2, 3, 4]
         assert resumed == [tp]              # drained below the low mark: fetching again
     asyncio.run(run())
+
+
+def test_a_message_waits_while_the_handlers_are_being_replaced():
+    """A resubscription holds the handlers' lock while it empties and refills them (across
+    an await): a message then waits for it, and is found by the new handler. Unheld, the
+    lookup takes no lock."""
+    async def run():
+        app = _app()
+        app.flow_control.resume()
+        conductor = app.topics
+        tp = TP("clicks", 0)
+        old, new = _raw_channel(app), _raw_channel(app)
+        conductor._tp_to_callback[tp] = conductor._build_handler(tp, {old})
+        await conductor.on_message(_message(offset=1))
+        assert old.queue.qsize() == 1
+        async with conductor._tp_to_callback_lock:
+            conductor._tp_to_callback.clear()
+            delivery = asyncio.ensure_future(conductor.on_message(_message(offset=2)))
+            await asyncio.sleep(0.05)
+            assert not delivery.done()
+            conductor._tp_to_callback[tp] = conductor._build_handler(tp, {new})
+        await asyncio.wait_for(delivery, 5)
+        assert new.queue.get_nowait().message.offset == 2 and old.queue.qsize() == 1
+    asyncio.run(run())

@@ -18,6 +18,11 @@ event loop's GIL time, most of it lookups (docs/RESULTS.md 4l).
     channel's queue, with Faust's high/low-pressure callbacks that pause and resume fetching
     the partition; a full queue is waited on, as Faust does.
 Any other subscription (several channels, another serializer, a schema) keeps Faust's handler.
+
+And the lookup of a message's handler takes the lock that guards the handlers only when
+someone holds it (a resubscription, which empties and refills them across an await): Faust
+takes it for every message, an acquire and release per message for a lock that is almost
+never held. Without a holder, taking it could not have changed which handler is found.
 """
 
 from __future__ import annotations
@@ -86,6 +91,21 @@ class RawBytesHandler:
 
 class Conductor(faust_conductor.Conductor):
     """Set as the worker's transport's conductor (streams/worker/consumer.py)."""
+
+    def _compile_message_handler(self):
+        if self.app.client_only:
+            return super()._compile_message_handler()
+        handlers, lock = self._tp_to_callback, self._tp_to_callback_lock
+
+        async def on_message(message) -> None:
+            if lock.locked():
+                async with lock:
+                    handler = handlers[message.tp]
+            else:
+                handler = handlers[message.tp]
+            return await handler(message)
+
+        return on_message
 
     def _build_handler(self, tp, channels):
         channel = raw_bytes_channel(channels)

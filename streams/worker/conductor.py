@@ -5,8 +5,8 @@ Faust's conductor hands each fetched message to the channels that subscribe to i
 message it looks up flow control and the producer buffer's size through `app.conf` (a settings
 registry whose every attribute read is a Python call chain), decodes key and value through the
 registry's codec lookup, builds the event through `app.conf.Event`, and puts it in the channel's
-queue. For the worker's input (one agent, key and value raw bytes: the click is decoded in the
-model thread) that decoding returns the bytes it was given; under a backlog it was 42% of the
+queue. For the worker's input (one agent, key and value raw bytes: the click is decoded by the
+agent's reader) that decoding returns the bytes it was given; under a backlog it was 42% of the
 event loop's GIL time, most of it lookups (docs/RESULTS.md 4l).
 
 `RawBytesHandler` does the same steps with what they look up bound once per partition:

@@ -36,6 +36,7 @@ again for whatever partitions come back.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import logging
 import os
@@ -83,24 +84,20 @@ class Scored:
     dead_letters: list[tuple[object, str]]          # (message event, reason)
     stats: BatchStats
     flush: Flush | None = None
-    _encoded: list[tuple[bytes, bytes]] | None = None
 
-    @property
+    @functools.cached_property
     def recommendations(self) -> list[tuple[bytes, bytes]]:
         """(key, Avro value) in event order. Encoded when first asked for, by the event loop
         as it sends them: meanwhile the model thread scores the next batch."""
-        if self._encoded is None:
-            ranked = self.ranked
-            if ranked is None or not ranked.events:
-                self._encoded = []
-            else:
-                events = ranked.events
-                values = self.writer.encode_batch(
-                    [e.user_id for e in events], [e.event_id for e in events],
-                    [e.timestamp_ms for e in events], ranked.items.numpy(),
-                    ranked.scores.numpy(), ranked.version, ranked.produced_at)
-                self._encoded = [(e.user_id.encode(), value) for e, value in zip(events, values)]
-        return self._encoded
+        ranked = self.ranked
+        if ranked is None or not ranked.events:
+            return []
+        events = ranked.events
+        values = self.writer.encode_batch(
+            [e.user_id for e in events], [e.event_id for e in events],
+            [e.timestamp_ms for e in events], ranked.items.numpy(), ranked.scores.numpy(),
+            ranked.version, ranked.produced_at)
+        return [(e.user_id.encode(), value) for e, value in zip(events, values)]
 
 
 @dataclass
@@ -190,8 +187,8 @@ class ScoringAgent:
                        "unknown_items": 0}
         self.last_report = time.monotonic()
         # Event loop side.
-        self.pending: deque = deque()           # (message event, click_of it) taken, not
-        #                                         yet in a batch
+        # (message event, click_of it) pairs taken, not yet in a batch
+        self.pending: deque = deque()
         self.first_pending_at = 0.0
         self.held: list = []                    # message events waiting for a flush
         self.unscored = 0                       # batches handed to the model thread, not done

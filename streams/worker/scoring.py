@@ -93,6 +93,15 @@ class Event:
     offset: int = -1
 
 
+def _is_copy(event: Event, last_event_id: str, last_offset: int) -> bool:
+    """`event` repeats what a user's last applied (or planned) event covers: the same event id,
+    or an offset not past that event's. A user's clicks all come from one partition (keyed by
+    user), so a lower offset there is a copy read again; -1: no offset to compare with."""
+    if event.event_id and event.event_id == last_event_id:
+        return True
+    return 0 <= event.offset <= last_offset
+
+
 @dataclass
 class BatchStats:
     events: int = 0
@@ -275,10 +284,9 @@ class Scorer:
         depth: dict[str, int] = {}
         planned: dict[str, Event] = {}          # the user's last event planned in this batch
         for event in events:
-            record = records[event.user_id]
             before = planned.get(event.user_id)
-            if self._already_applied(record, event) or (
-                    before is not None and self._replays(before, event)):
+            if self._already_applied(records[event.user_id], event) or (
+                    before is not None and _is_copy(event, before.event_id, before.offset)):
                 stats.duplicates += 1
                 continue
             planned[event.user_id] = event
@@ -290,18 +298,8 @@ class Scorer:
         return rounds, list(depth)
 
     def _already_applied(self, record: UserRecord, event: Event) -> bool:
-        if event.event_id and event.event_id == record.last_event_id:
-            return True
-        return self._same_offsets(record) and 0 <= event.offset <= record.last_offset
-
-    def _replays(self, before: Event, event: Event) -> bool:
-        """`event` is one the batch has already planned for its user (`before` is the last
-        of them): the same event id, or an offset not past it in the same partition. A user's
-        clicks all come from one partition (keyed by user), so a lower offset there is a
-        copy read again, as in _already_applied."""
-        if event.event_id and event.event_id == before.event_id:
-            return True
-        return (event.partition == before.partition and 0 <= event.offset <= before.offset)
+        return _is_copy(event, record.last_event_id,
+                        record.last_offset if self._same_offsets(record) else -1)
 
     def _same_offsets(self, record: UserRecord) -> bool:
         return not (record.offsets_of and self.offsets_of) or record.offsets_of == self.offsets_of

@@ -5,7 +5,9 @@ One run measures, on one broker and one machine:
 - the raw loop: confluent-kafka consume, decode, encode a 10-item recommendation, produce; no
   model (the ceiling for any worker);
 - the model alone, in this process, for each model and batch size: users/s of one batched
-  `step` + scores + top-10 on one torch thread (as bench/step_speed.py), on `--device`;
+  `step` + scores + top-10 on one torch thread (as bench/step_speed.py), on `--device`, in
+  one call and, on CPU with `--worker-arg=--step-rows=N`, in blocks of N users as those
+  workers step; "x model" divides by the faster of the two;
 - for each model, state dtype and batch size, a `python -m cli worker` subprocess: backlog
   throughput (a backlog of `--events` clicks drained; events/s from the first recommendation
   to the last, so start-up is not counted), its ratio to the raw loop and to the model alone,
@@ -60,6 +62,7 @@ from model.checkpoint import save_checkpoint  # noqa: E402
 from model.models import build_model  # noqa: E402
 from schemas.codec import decode_interaction, decode_recommendation, encode_interaction, encode_recommendation  # noqa: E402
 from streams.shared.clients import PRODUCER_DEFAULTS  # noqa: E402
+from streams.shared.config import StreamConfig  # noqa: E402
 from streams.shared.local_broker import free_ports  # noqa: E402
 from streams.shared.topics import ensure_topics  # noqa: E402
 from tests.kafka_broker import kafka_bootstrap  # noqa: E402
@@ -381,15 +384,30 @@ def check_imports_from(tree: Path) -> None:
             raise RuntimeError(f"the baseline tree imports {path}, not its own code")
 
 
-def model_rates(models, batches, device) -> dict:
-    """{(model, batch): users/s} of the model alone, same weights as the workers' checkpoint."""
+def step_rows_of(worker_args: list[str]) -> int:
+    """The workers' --step-rows: the last --worker-arg=--step-rows=N, else the default."""
+    rows = StreamConfig().step_rows
+    for arg in worker_args:
+        if arg.startswith("--step-rows="):
+            rows = int(arg.split("=", 1)[1])
+    return rows
+
+
+def model_rates(models, batches, device, rows: int) -> dict:
+    """{(model, batch): (users/s in one call, users/s in blocks of `rows` users (the workers'
+    --step-rows) or None)} of the model alone, same weights as the workers' checkpoint. The
+    faster of the two is the worker's ceiling ("x model")."""
+    rows = rows if device == "cpu" else 0
     rates = {}
     for name, model in models.items():
         for batch in batches:
-            rates[name, batch] = model_only_rate(model, batch, device)
+            whole = model_only_rate(model, batch, device)
+            blocks = (model_only_rate(model, batch, device, step_rows=rows)
+                      if model.steppable and 0 < rows < batch else None)
+            rates[name, batch] = whole, blocks
             print(json.dumps({"label": f"{name} batch {batch} model only", "model": name,
-                              "batch": batch, "device": device,
-                              "users/s": rates[name, batch]}), flush=True)
+                              "batch": batch, "device": device, "users/s": whole,
+                              f"users/s in blocks of {rows}": blocks}), flush=True)
     return rates
 
 
@@ -430,11 +448,12 @@ def fmt(value, spec):
     return "-" if value is None else format(value, spec)
 
 
-def print_tables(results, rates, device):
-    print("\n| model alone (step + top-10, 1 torch thread) | batch | device | users/s |")
-    print("|---|---|---|---|")
-    for (name, batch), rate in rates.items():
-        print(f"| {name} | {batch} | {device} | {rate:.0f} |")
+def print_tables(results, rates, device, rows):
+    print("\n| model alone (step + top-10, 1 torch thread) | batch | device | users/s, one call "
+          f"| users/s, blocks of {rows} (the workers' --step-rows) |")
+    print("|---|---|---|---|---|")
+    for (name, batch), (whole, blocks) in rates.items():
+        print(f"| {name} | {batch} | {device} | {whole:.0f} | {fmt(blocks, '.0f')} |")
     raw = next((r["events/s"] for r in results if r["model"] is None and "events/s" in r), None)
     print("\n| run | events/s | x raw | x model | batch mean | batch p50 | batch p99 "
           "| changelog B/click | offered/s | p50 ms | p99 ms | startup s |")
@@ -443,7 +462,7 @@ def print_tables(results, rates, device):
         if "error" in r:
             print(f"| {r['label']} | failed: {r['error'].replace('|', '/')} |" + " |" * 10)
             continue
-        model_rate = rates.get((r["model"], r["batch"]))
+        model_rate = max((x for x in rates.get((r["model"], r["batch"]), ()) if x), default=None)
         print(f"| {r['label']} | {r['events/s']:.0f} "
               f"| {fmt(r['events/s'] / raw if raw else None, '.2f')} "
               f"| {fmt(r['events/s'] / model_rate if model_rate else None, '.2f')} "
@@ -487,7 +506,7 @@ def main():
     tmp = Path(tempfile.mkdtemp(prefix="mlsa4rec-bench-"))
     traffic = Traffic(args.users, args.zipf_a)
     models, checkpoints = write_checkpoints(args.models, tmp)
-    rates = model_rates(models, args.batches, args.device)
+    rates = model_rates(models, args.batches, args.device, step_rows_of(args.worker_arg))
     results = []
     with kafka_bootstrap() as bootstrap, baseline_tree(args.baseline_ref, tmp) as baseline:
         print(f"broker {bootstrap}, users {traffic.describe()}, {args.events} backlog events, "
@@ -504,7 +523,7 @@ def main():
                 results.append({"label": config.label, "model": config.model,
                                 "batch": config.batch, "error": " ".join(str(exc).split())})
             print(json.dumps(results[-1]), flush=True)
-    print_tables(results, rates, args.device)
+    print_tables(results, rates, args.device, step_rows_of(args.worker_arg))
 
 
 if __name__ == "__main__":

@@ -74,20 +74,24 @@ def ml1m_log() -> tuple[np.ndarray, np.ndarray]:
     return users, items
 
 
-def model_only_rate(model, batch: int, device: str, seconds: float = 2.0) -> float:
+def model_only_rate(model, batch: int, device: str, seconds: float = 2.0,
+                    step_rows: int = 0) -> float:
     """Users/s of the model alone: one batched step (or, for a window model, one forward over
     full 50-item windows, what the worker recomputes per click) + scores + top-10, as in
-    bench/step_speed.py. No Kafka, no table, no (de)serialisation: the ceiling for the
-    worker's model thread."""
+    bench/step_speed.py; step_rows > 0: the batch stepped and ranked that many users at a
+    time, as the worker's --step-rows does. No Kafka, no table, no (de)serialisation: the
+    ceiling for the worker's model thread."""
     model = model.to(device).eval()
     items = torch.randint(1, model.n_items, (batch,), device=device)
     if model.steppable:
         state = model.init_state(batch, device=device)
+        rows = step_rows or batch
 
         def once():
-            nonlocal state
-            state, user_repr = model.step(state, items)
-            torch.topk(model.scores(user_repr), 10, dim=1)
+            for start in range(0, batch, rows):     # each block's states advance in place
+                block = {k: v[start:start + rows] for k, v in state.items()}
+                _, user_repr = model.step(block, items[start:start + rows])
+                torch.topk(model.scores(user_repr), 10, dim=1)
     else:
         width = model.config.max_len
         windows = torch.randint(1, model.n_items, (batch, width), device=device)

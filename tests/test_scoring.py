@@ -54,9 +54,12 @@ def run_in_batches(scorer, events, batch_size):
 
 
 @pytest.mark.parametrize("batch_size", [1, 5, 100])
-def test_batched_scoring_equals_the_offline_model_stepped_per_user(batch_size):
+@pytest.mark.parametrize("step_rows, trace_step", [(0, False), (3, False), (3, True)])
+def test_batched_scoring_equals_the_offline_model_stepped_per_user(batch_size, step_rows,
+                                                                  trace_step):
+    """step_rows 3: the 4 users of a round are stepped 3, then 1 (eager and traced)."""
     model = small_model()
-    scorer = Scorer(model, ITEM_IDS, "v1")
+    scorer = Scorer(model, ITEM_IDS, "v1", step_rows=step_rows, trace_step=trace_step)
     events = make_events()
     _, recs = run_in_batches(scorer, events, batch_size)
     assert [r["event_id"] for r in recs] == [e.event_id for e in events]
@@ -68,6 +71,11 @@ def test_batched_scoring_equals_the_offline_model_stepped_per_user(batch_size):
         assert torch.allclose(torch.tensor([i["score"] for i in rec["items"]]), scores, atol=1e-4)
         assert [i["rank"] for i in rec["items"]] == list(range(1, 11))
         assert rec["model_version"] == "v1"
+
+
+def test_step_rows_below_zero_is_refused():
+    with pytest.raises(ValueError, match="step_rows must be 0"):
+        Scorer(small_model(), ITEM_IDS, "v1", step_rows=-1)
 
 
 def test_a_replayed_event_is_not_applied_twice():

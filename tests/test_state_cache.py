@@ -58,8 +58,10 @@ def clicks(n_users, per_user, seed=0, unknown_every=0):
 
 
 def make_agent(model, table, capacity=1000, snapshot_every=4, state_dtype=torch.float32):
-    # As the worker runs it: the traced step, on rows that are views into the cache's block.
-    scorer = Scorer(model, ITEM_IDS, "v1", state_dtype=state_dtype, trace_step=True)
+    # As the worker runs it: the traced step, on rows that are views into the cache's block,
+    # a few users at a time (step_rows; batches of 5 make blocks of 2, 2 and 1).
+    scorer = Scorer(model, ITEM_IDS, "v1", state_dtype=state_dtype, trace_step=True,
+                    step_rows=2)
     agent = ScoringAgent(StreamConfig(flush_every_s=3600, batch_max=2), scorer, None, None,
                          table)
     agent.cache = StateCache(agent.scorer.template, state_dtype, capacity, snapshot_every)

@@ -53,6 +53,11 @@ class StreamConfig:
     # On CPU, run the model's step as one traced graph: the model thread takes the GIL once per
     # batch instead of once per tensor op (docs/RESULTS.md, section 4c); false = eager.
     trace_step: bool = True
+    # On CPU, step a batch this many users at a time; 0 = the whole batch in one call (always on
+    # CUDA). Smaller blocks of states can stay in the core's cache between the step's ops: at
+    # batch 256 here, 64 ran Mamba4Rec's model thread 1.21x faster, MLSA4Rec-S's 0.84-0.98x
+    # (bench/step_rows.py, docs/RESULTS.md 4n).
+    step_rows: int = 0
     # torch CPU threads for the model; 0 = torch default (all cores). One: the event loop, the
     # producer and (here) the broker need cores too, and scale-out is more workers; measured
     # faster than the default on 2 cores (docs/RESULTS.md, section 4).

@@ -69,7 +69,8 @@ def build_scorer(cfg: StreamConfig) -> Scorer:
                   keep_states_for_versions=cfg.keep_states_for_versions,
                   offsets_of=topic_id(cfg.broker, cfg.interactions_topic),
                   trace_step=cfg.trace_step, exact_rank_items=cfg.exact_rank_items,
-                  ann=cfg.ann, ann_items=cfg.ann_items, ann_probe=cfg.ann_probe)
+                  ann=cfg.ann, ann_items=cfg.ann_items, ann_probe=cfg.ann_probe,
+                  step_rows=cfg.step_rows)
 
 
 def create_app(cfg: StreamConfig, scorer: Scorer, metrics: WorkerMetrics | None = None):

@@ -120,7 +120,8 @@ class Scorer:
                  history_len: int = HISTORY_LEN, rebuild_states: bool = True,
                  keep_states_for_versions: int = 0, offsets_of: str = "",
                  trace_step: bool = False, exact_rank_items: int = 65_536,
-                 ann: str = "exact", ann_items: int = 100_000, ann_probe: int = 32):
+                 ann: str = "exact", ann_items: int = 100_000, ann_probe: int = 32,
+                 step_rows: int = 0):
         """offsets_of: identity of the topic the events' offsets count in (the worker passes
         the Kafka topic id of `interactions`): a record whose offsets count in another topic,
         one deleted and created again under the same name, does not judge these events by
@@ -129,7 +130,8 @@ class Scorer:
         exact_rank_items: a catalogue of more items is ranked block by block, this many items
         at a time (model/ranking.py: the same top k, without a (batch x items) matrix).
         ann, ann_items, ann_probe: a catalogue of more than ann_items items is ranked by an
-        approximate index (ANN_MODES says when), ann_probe of its lists searched per user."""
+        approximate index (ANN_MODES says when), ann_probe of its lists searched per user.
+        step_rows: on CPU, a batch is stepped this many users at a time (0: all at once)."""
         if exact_rank_items < 1:
             raise ValueError(f"exact_rank_items must be at least 1, not {exact_rank_items}")
         if ann not in ANN_MODES:
@@ -143,6 +145,12 @@ class Scorer:
         # On CPU the step runs as one traced graph (model/traced.py): the GIL once per batch,
         # not once per tensor op, which the worker's event loop thread would otherwise hold up.
         self.trace_step = trace_step and torch.device(device).type == "cpu"
+        # Also CPU only: a block of users whose states can stay in the core's cache from one of
+        # the step's ops to the next (docs/RESULTS.md 4n: it pays for Mamba4Rec, not for
+        # MLSA4Rec-S, whose step is more calls). A GPU wants the batch whole.
+        if step_rows < 0:
+            raise ValueError(f"step_rows must be 0 (the whole batch) or more, not {step_rows}")
+        self.step_rows = step_rows if torch.device(device).type == "cpu" else 0
         self.model = model.to(device).eval()
         self.item_ids = list(item_ids)
         self.index = {raw: i for i, raw in enumerate(self.item_ids) if i > 0}
@@ -519,7 +527,24 @@ class Scorer:
 
     def _step(self, states, items):
         """(advanced states, USER_REPR included, scores of every item row or None where the
-        catalogue is ranked block by block)."""
+        catalogue is ranked block by block); `step_rows` users at a time, each block's states
+        advanced in place."""
+        rows = self.step_rows
+        if not rows or len(items) <= rows:
+            return self._step_block(states, items)
+        advanced = {k: v for k, v in states.items() if k != USER_REPR}
+        reprs, scores = [], []
+        for start in range(0, len(items), rows):
+            block = {k: v[start:start + rows] for k, v in advanced.items()}
+            # Steps advance their states in place (the layers' contract, as mamba_ssm's):
+            # the block's views into `advanced` are its users' new states.
+            new, block_scores = self._step_block(block, items[start:start + rows])
+            reprs.append(new[USER_REPR])
+            scores.append(block_scores)
+        advanced[USER_REPR] = torch.cat(reprs)
+        return advanced, None if scores[0] is None else torch.cat(scores)
+
+    def _step_block(self, states, items):
         model_states = {k: v for k, v in states.items() if k != USER_REPR}
         if self.traced is not None:
             new_states, user_repr, *scores = self.traced(model_states, items)

@@ -45,9 +45,6 @@ class DictTable:
     def read_many(self, partition, keys):
         return [self.data[partition].get(k) for k in keys]
 
-    def is_open(self, partition):
-        return True
-
 
 def message_events(traffic: Traffic, start: int, n: int, offsets: list[int]) -> list:
     """Clicks as Faust hands them to the agent (value bytes, message key / partition / offset)."""
@@ -83,10 +80,7 @@ class Arm:
         self.number += 1
         if scored.flush is not None:            # written at once: the table is not timed
             for partition, key, value in scored.flush.writes:
-                if value is None:
-                    self.table.data[partition].pop(key, None)
-                else:
-                    self.table.data[partition][key] = value
+                self.table.data[partition][key] = value     # None (a delete) reads as absent
             self.agent.cache.flush_written(scored.flush.number)
 
     def take_rate(self) -> float:
@@ -99,8 +93,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="mamba4rec")
-    parser.add_argument("--rows", type=int, nargs="+", default=[0, StreamConfig().step_rows],
-                        help="--step-rows of each arm (0: the whole batch in one call)")
+    parser.add_argument("--rows", type=int, nargs="+", default=[0, 64],
+                        help="--step-rows of each arm, the first the baseline (0: the whole "
+                             "batch in one call)")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--users", choices=TRAFFIC, default="uniform")
     parser.add_argument("--rounds", type=int, default=6)
@@ -109,6 +104,8 @@ def main():
                         help="a flush every this many batches (512 users changed, the worker's "
                              "--flush-max-users, at batch 256)")
     args = parser.parse_args()
+    if len(set(args.rows)) != len(args.rows):
+        parser.error(f"--rows {args.rows}: each arm needs its own value")
     torch.set_num_threads(1)
     torch.manual_seed(0)
     model = build_model(args.model, N_ITEMS).eval()

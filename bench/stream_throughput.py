@@ -506,7 +506,8 @@ def main():
     tmp = Path(tempfile.mkdtemp(prefix="mlsa4rec-bench-"))
     traffic = Traffic(args.users, args.zipf_a)
     models, checkpoints = write_checkpoints(args.models, tmp)
-    rates = model_rates(models, args.batches, args.device, step_rows_of(args.worker_arg))
+    step_rows = step_rows_of(args.worker_arg)
+    rates = model_rates(models, args.batches, args.device, step_rows)
     results = []
     with kafka_bootstrap() as bootstrap, baseline_tree(args.baseline_ref, tmp) as baseline:
         print(f"broker {bootstrap}, users {traffic.describe()}, {args.events} backlog events, "
@@ -523,7 +524,7 @@ def main():
                 results.append({"label": config.label, "model": config.model,
                                 "batch": config.batch, "error": " ".join(str(exc).split())})
             print(json.dumps(results[-1]), flush=True)
-    print_tables(results, rates, args.device, step_rows_of(args.worker_arg))
+    print_tables(results, rates, args.device, step_rows)
 
 
 if __name__ == "__main__":
